@@ -1,0 +1,438 @@
+"""The GLM model against the original code's golden outputs, transformers' native GlmForCausalLM and the spec."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, glm, reference_file, tiny_config
+from transformers import GlmForCausalLM
+from transformers.cache_utils import DynamicCache
+
+import convert_glm
+
+modeling = glm.modeling
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Golden outputs of the original THUDM code (GLM_SPEC section 7)
+
+GOLDEN_WEIGHTS = [
+    ("embedding.word_embeddings.weight", (5, 32)),
+    ("encoder.layers.0.input_layernorm.weight", (32,)),
+    ("encoder.layers.0.self_attention.query_key_value.weight", (48, 32)),
+    ("encoder.layers.0.self_attention.query_key_value.bias", (48,)),
+    ("encoder.layers.0.self_attention.dense.weight", (32, 32)),
+    ("encoder.layers.0.post_attention_layernorm.weight", (32,)),
+    ("encoder.layers.0.mlp.dense_h_to_4h.weight", (96, 32)),
+    ("encoder.layers.0.mlp.dense_4h_to_h.weight", (32, 48)),
+    ("encoder.final_layernorm.weight", (32,)),
+]
+
+
+class _Reader:
+    def __init__(self, raw):
+        self.raw, self.offset = raw, 0
+
+    def take(self, dtype, shape):
+        count = int(np.prod(shape))
+        array = np.frombuffer(self.raw, dtype=dtype, count=count, offset=self.offset).reshape(shape)
+        self.offset += count * np.dtype(dtype).itemsize
+        return torch.from_numpy(array.copy())
+
+
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+@pytest.mark.parametrize(
+    "name, eps, ptuning, tolerance",
+    [("glm3_model.data", 1e-5, False, 1e-5), ("glm4_model.data", 1.5625e-7, False, 1e-5),
+     # The prefix is stored in float16 while the original ran it in float32: ~1e-4 of rounding.
+     ("glm3_ptuning_v2_model.data", 1e-5, True, 2e-4)],
+)
+def test_golden_outputs_of_original_code(name, eps, ptuning, tolerance, implementation):
+    reader = _Reader(reference_file("golden", name).read_bytes())
+    config = glm.ChatGLMConfig(padded_vocab_size=5, hidden_size=32, num_attention_heads=8, multi_query_group_num=2,
+                               kv_channels=4, ffn_hidden_size=48, num_layers=1, layernorm_epsilon=eps,
+                               pre_seq_len=5 if ptuning else None, attn_implementation=implementation)
+    model = glm.ChatGLMModel(config).eval()
+    params = dict(model.named_parameters())
+    if ptuning:
+        prefix = reader.take(np.float16, (2, 2, 5, 4)).float()  # [layers * 2, groups, pre_seq_len, kv_channels]
+        params["prefix_encoder.embedding.weight"].data = prefix.permute(2, 0, 1, 3).reshape(5, -1)
+    for key, shape in GOLDEN_WEIGHTS:
+        params[key].data = reader.take(np.float32, shape)
+    cache = DynamicCache()
+    for ids_len, out_len in ((3, 3), (1, 1), (1, 1)):
+        ids = reader.take(np.int32, (ids_len,)).long()[None]
+        expected = reader.take(np.float32, (out_len, 32))
+        with torch.no_grad():
+            hidden = model(input_ids=ids, past_key_values=cache, use_cache=True).last_hidden_state[0]
+        torch.testing.assert_close(hidden, expected, atol=tolerance, rtol=0)
+    assert reader.offset == len(reader.raw), "the golden file holds more than the spec's layout"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Against transformers' GlmForCausalLM with converted weights
+
+PARITY_CONFIGS = [
+    dict(),
+    dict(multi_query_group_num=1, kv_channels=12, rope_ratio=50.0),  # kv_channels != hidden / heads
+    dict(multi_query_group_num=4, num_attention_heads=4, kv_channels=20, hidden_size=48, add_qkv_bias=False),
+    dict(multi_query_group_num=8, num_layers=3, rope_ratio=0.5, layernorm_epsilon=1.5625e-7),  # plain MHA groups
+]
+
+
+def _pair(seed, **overrides):
+    torch.manual_seed(seed)
+    config = tiny_config(**overrides)
+    model = glm.ChatGLMForConditionalGeneration(config).eval()
+    native = GlmForCausalLM(convert_glm.glm_config_to_native(config)).eval()
+    native.load_state_dict(convert_glm.glm_to_native_state_dict(model.state_dict(), config), strict=True)
+    return config, model, native
+
+
+def _left_padded_batch(vocab, lengths, pad=0):
+    total = max(lengths)
+    ids = torch.full((len(lengths), total), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, length in enumerate(lengths):
+        ids[row, total - length:] = torch.randint(3, vocab, (length,))
+        mask[row, total - length:] = 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("overrides", PARITY_CONFIGS)
+def test_logits_and_loss_match_native_glm(overrides):
+    config, model, native = _pair(0, **overrides)
+    ids, mask = _left_padded_batch(config.padded_vocab_size, [11, 7, 3])
+    # Pads carry no context, so a row's first real token is not a target either.
+    labels = ids.masked_fill((mask == 0) | (mask.cumsum(-1) == 1), -100)
+    with torch.no_grad():
+        ours = model(ids, attention_mask=mask, labels=labels)
+        theirs = native(ids, attention_mask=mask, labels=labels)
+    real = mask.bool()
+    torch.testing.assert_close(ours.logits[real], theirs.logits[real], atol=1e-4, rtol=0)
+    torch.testing.assert_close(ours.loss, theirs.loss, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("overrides", PARITY_CONFIGS[:2])
+def test_greedy_generate_matches_native_and_rows_alone(overrides):
+    config, model, native = _pair(1, **overrides)
+    ids, mask = _left_padded_batch(config.padded_vocab_size, [9, 4])
+    kwargs = dict(max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=None)
+    ours = model.generate(ids, attention_mask=mask, **kwargs)
+    theirs = native.generate(ids, attention_mask=mask, **kwargs)
+    assert torch.equal(ours, theirs)
+    for row in range(2):
+        alone = ids[row:row + 1, mask[row].bool()]
+        single = model.generate(alone, attention_mask=torch.ones_like(alone), **kwargs)
+        assert torch.equal(single[0, alone.shape[1]:], ours[row, ids.shape[1]:])
+
+
+def test_beam_search_and_sampling_match_native():
+    config, model, native = _pair(2)
+    ids, mask = _left_padded_batch(config.padded_vocab_size, [6, 6])
+    beams = dict(max_new_tokens=8, num_beams=3, do_sample=False, pad_token_id=0, eos_token_id=None)
+    assert torch.equal(model.generate(ids, attention_mask=mask, **beams),
+                       native.generate(ids, attention_mask=mask, **beams))
+    sample = dict(max_new_tokens=8, do_sample=True, top_p=0.8, temperature=0.8, pad_token_id=0, eos_token_id=None)
+    torch.manual_seed(7)
+    ours = model.generate(ids, attention_mask=mask, **sample)
+    torch.manual_seed(7)
+    theirs = native.generate(ids, attention_mask=mask, **sample)
+    assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+def test_cached_decoding_equals_full_forward(implementation):
+    config = tiny_config(attn_implementation=implementation)
+    torch.manual_seed(3)
+    model = glm.ChatGLMForConditionalGeneration(config).eval()
+    ids, mask = _left_padded_batch(config.padded_vocab_size, [12, 8])
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask).logits
+        cache = DynamicCache()
+        # Prefill 5 tokens, then a chunk of 3, then one token at a time.
+        steps, start = [5, 3] + [1] * (ids.shape[1] - 8), 0
+        pieces = []
+        for length in steps:
+            end = start + length
+            out = model(ids[:, start:end], attention_mask=mask[:, :end], past_key_values=cache, use_cache=True)
+            pieces.append(out.logits)
+            start = end
+    stepwise = torch.cat(pieces, dim=1)
+    real = mask.bool()
+    torch.testing.assert_close(stepwise[real], full[real], atol=1e-5, rtol=0)
+
+
+def test_static_cache_generation_equals_dynamic():
+    config, model, _ = _pair(4)
+    ids, mask = _left_padded_batch(config.padded_vocab_size, [7, 5])
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)
+    dynamic = model.generate(ids, attention_mask=mask, **kwargs)
+    static = model.generate(ids, attention_mask=mask, cache_implementation="static", **kwargs)
+    assert torch.equal(dynamic, static)
+
+
+def test_logits_to_keep_and_positions_from_mask():
+    config, model, _ = _pair(5)
+    ids, mask = _left_padded_batch(config.padded_vocab_size, [10, 6])
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask).logits
+        last = model(ids, attention_mask=mask, logits_to_keep=1).logits
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        explicit = model(ids, attention_mask=mask, position_ids=positions).logits
+    assert last.shape == (2, 1, config.padded_vocab_size)
+    torch.testing.assert_close(last[:, 0], full[:, -1])
+    torch.testing.assert_close(explicit, full)
+
+
+def test_output_attentions_with_eager_sum_to_one_and_skip_pads():
+    config = tiny_config(attn_implementation="eager")
+    model = glm.ChatGLMModel(config).eval()
+    ids, mask = _left_padded_batch(config.padded_vocab_size, [5, 3])
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask, output_attentions=True, output_hidden_states=True)
+    assert len(out.attentions) == config.num_layers and len(out.hidden_states) == config.num_layers + 1
+    weights = out.attentions[0]
+    torch.testing.assert_close(weights.sum(-1), torch.ones_like(weights.sum(-1)))
+    assert weights[1, :, -1, :2].abs().max() == 0  # the last real token of row 1 never looks at its two pads
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Published checkpoints: config files and weight names
+
+
+@pytest.mark.parametrize("name", ["chatglm3-6b", "chatglm3-6b-32k", "glm-4-9b-chat"])
+def test_published_configs_load_and_save_back_with_original_keys(name, tmp_path):
+    original = json.loads(reference_file(name, "config.json").read_text())
+    config = glm.ChatGLMConfig(**original)
+    config.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    for key, value in original.items():
+        if key in ("auto_map", "transformers_version", "_name_or_path", "torch_dtype"):
+            continue
+        assert saved[key] == value, key
+    assert saved["auto_map"]["AutoModelForCausalLM"] == "modeling_glm.ChatGLMForConditionalGeneration"
+    assert saved["num_hidden_layers"] == original["num_layers"]
+    # Standard names are aliases of the original keys.
+    assert config.num_hidden_layers == original["num_layers"]
+    assert config.vocab_size == original["padded_vocab_size"]
+    assert config.num_key_value_heads == original["multi_query_group_num"]
+    assert config.head_dim == original["kv_channels"]
+    assert config.rope_ratio == original.get("rope_ratio", 1)
+
+
+def test_chatglm3_6b_on_meta_has_published_keys_shapes_and_size():
+    index = json.loads(reference_file("chatglm3-6b", "pytorch_model.bin.index.json").read_text())
+    config = glm.ChatGLMConfig(**json.loads(reference_file("chatglm3-6b", "config.json").read_text()))
+    with torch.device("meta"):
+        model = glm.ChatGLMForConditionalGeneration(config)
+    state = model.state_dict()
+    published = {key for key in index["weight_map"] if not key.endswith("rotary_pos_emb.inv_freq")}
+    assert set(state) == published
+    assert sum(p.numel() for p in model.parameters()) == 6_243_584_000
+    # fp16 bytes of every weight plus the 32-float inv_freq the original saved.
+    assert sum(t.numel() for t in state.values()) * 2 + 32 * 2 == index["metadata"]["total_size"]
+    spec_shapes = {
+        "transformer.embedding.word_embeddings.weight": (65024, 4096),
+        "transformer.encoder.layers.0.self_attention.query_key_value.weight": (4608, 4096),
+        "transformer.encoder.layers.0.self_attention.query_key_value.bias": (4608,),
+        "transformer.encoder.layers.0.self_attention.dense.weight": (4096, 4096),
+        "transformer.encoder.layers.0.mlp.dense_h_to_4h.weight": (27392, 4096),
+        "transformer.encoder.layers.0.mlp.dense_4h_to_h.weight": (4096, 13696),
+        "transformer.output_layer.weight": (65024, 4096),
+    }
+    for key, shape in spec_shapes.items():
+        assert tuple(state[key].shape) == shape, key
+
+
+def test_thudm_state_dict_with_inv_freq_loads_without_missing_keys(tmp_path):
+    from safetensors.torch import save_file
+
+    config = tiny_config()
+    model = glm.ChatGLMForConditionalGeneration(config)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["transformer.rotary_pos_emb.inv_freq"] = torch.ones(config.kv_channels // 4)
+    model.save_pretrained(tmp_path)
+    save_file(state, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    loaded, info = glm.ChatGLMForConditionalGeneration.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["mismatched_keys"]
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading a saved folder through the Auto classes, in a fresh process
+
+
+def test_save_and_load_through_auto_classes_in_fresh_process(tmp_path):
+    config = tiny_config(num_labels=3)
+    torch.manual_seed(6)
+    model = glm.ChatGLMForConditionalGeneration(config).eval()
+    model.save_pretrained(tmp_path)
+    written = sorted(p.name for p in tmp_path.iterdir())
+    assert "configuration_glm.py" in written and "modeling_glm.py" in written and "model.safetensors" in written
+    ids = torch.randint(3, config.padded_vocab_size, (1, 9))
+    with torch.no_grad():
+        expected = model(ids).logits
+    torch.save({"ids": ids, "logits": expected}, tmp_path.parent / "expected.pt")
+    script = textwrap.dedent(f"""
+        import torch
+        from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+        path = {str(tmp_path)!r}
+        data = torch.load({str(tmp_path.parent / "expected.pt")!r})
+        for auto in (AutoModel, AutoModelForCausalLM):
+            model = auto.from_pretrained(path, trust_remote_code=True).eval()
+            assert type(model).__name__ == "ChatGLMForConditionalGeneration", type(model)
+            with torch.no_grad():
+                torch.testing.assert_close(model(data["ids"]).logits, data["logits"])
+        classifier = AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=True).eval()
+        with torch.no_grad():
+            assert classifier(data["ids"]).logits.shape == (1, 3)
+        print("LOADED", type(classifier).__name__)
+    """)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH="")
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path.parent, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "LOADED ChatGLMForSequenceClassification" in result.stdout
+
+
+def test_root_config_json_is_chatglm3_6b_with_auto_map():
+    config = json.loads((ROOT / "config.json").read_text())
+    for key, value in json.loads(reference_file("chatglm3-6b", "config.json").read_text()).items():
+        if key not in ("auto_map", "_name_or_path", "transformers_version"):
+            assert config[key] == value, key
+    for auto in ("AutoConfig", "AutoModel", "AutoModelForCausalLM", "AutoModelForSeq2SeqLM",
+                 "AutoModelForSequenceClassification"):
+        module, _ = config["auto_map"][auto].split(".")
+        assert (ROOT / f"{module}.py").exists(), auto
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training features
+
+
+def _saved_activation_bytes(model, ids):
+    """Bytes autograd keeps for the backward pass: the activation memory gradient checkpointing must cut."""
+    total = 0
+
+    def pack(tensor):
+        nonlocal total
+        total += tensor.numel() * tensor.element_size()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(ids, labels=ids).loss
+    loss.backward()
+    return total, loss
+
+
+def test_gradient_checkpointing_same_gradients_less_memory():
+    config = tiny_config(num_layers=4)
+    torch.manual_seed(8)
+    model = glm.ChatGLMForConditionalGeneration(config).train()
+    ids = torch.randint(3, config.padded_vocab_size, (2, 64))
+    plain_bytes, plain_loss = _saved_activation_bytes(model, ids)
+    plain_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert all(layer.gradient_checkpointing for layer in model.transformer.encoder.layers)
+    ckpt_bytes, ckpt_loss = _saved_activation_bytes(model, ids)
+    torch.testing.assert_close(ckpt_loss, plain_loss)
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.grad, plain_grads[name], atol=1e-6, rtol=1e-5, msg=name)
+    assert ckpt_bytes < 0.6 * plain_bytes, (ckpt_bytes, plain_bytes)
+
+
+def test_resize_token_embeddings():
+    config = tiny_config()
+    model = glm.ChatGLMForConditionalGeneration(config)
+    old = model.get_input_embeddings().weight[:10].clone()
+    model.resize_token_embeddings(160)
+    assert model.config.padded_vocab_size == 160 and model.config.vocab_size == 160
+    assert model.transformer.output_layer.weight.shape == (160, config.hidden_size)
+    assert torch.equal(model.get_input_embeddings().weight[:10], old)
+    ids = torch.tensor([[150, 5, 159]])
+    assert model(ids, labels=ids).logits.shape == (1, 3, 160)
+
+
+@pytest.mark.parametrize("projection", [False, True])
+def test_ptuning_v2_trains_only_the_prefix(projection):
+    config = tiny_config(pre_seq_len=4, prefix_projection=projection)
+    torch.manual_seed(9)
+    model = glm.ChatGLMForConditionalGeneration(config).train()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    expected = {"transformer.prefix_encoder.embedding.weight"}
+    if projection:
+        expected |= {f"transformer.prefix_encoder.trans.{i}.{k}" for i in (0, 2) for k in ("weight", "bias")}
+    assert trainable == expected
+    kv_size = config.num_layers * 2 * config.multi_query_group_num * config.kv_channels
+    assert model.transformer.prefix_encoder.embedding.weight.shape == (4, kv_size)
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    ids = torch.randint(3, config.padded_vocab_size, (2, 12))
+    model(ids, labels=ids).loss.backward()
+    optimizer.step()
+    for name, param in model.named_parameters():
+        assert torch.equal(param, before[name]) != (name in expected), name
+    # With and without a cache the prefix is attended the same way, positions starting at 0.
+    model.eval()
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+        cached = model(ids, use_cache=True).logits
+        greedy = model.generate(ids[:1], max_new_tokens=4, do_sample=False, eos_token_id=None, pad_token_id=0)
+        step_logits = model(greedy[:, :-1], use_cache=False).logits[:, -4:].argmax(-1)
+    torch.testing.assert_close(full, cached)
+    assert torch.equal(step_logits, greedy[:, -4:])
+
+
+def test_sequence_classification_pools_last_real_token():
+    config = tiny_config(num_labels=2)
+    torch.manual_seed(10)
+    model = glm.ChatGLMForSequenceClassification(config).eval()
+    ids = torch.randint(3, config.padded_vocab_size, (1, 6))
+    left = torch.cat([torch.zeros(1, 3, dtype=torch.long), ids], 1)
+    left_mask = torch.cat([torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 6, dtype=torch.long)], 1)
+    right = torch.cat([ids, torch.zeros(1, 3, dtype=torch.long)], 1)
+    with torch.no_grad():
+        alone = model(ids).logits
+        left_logits = model(left, attention_mask=left_mask).logits
+        right_logits = model(right, attention_mask=left_mask.flip(1)).logits
+        right_no_mask = model(right).logits  # pads found by pad_token_id
+    for logits in (left_logits, right_logits, right_no_mask):
+        torch.testing.assert_close(logits, alone, atol=1e-5, rtol=0)
+    out = model(ids, labels=torch.tensor([1]))
+    assert out.loss.item() == pytest.approx(torch.nn.functional.cross_entropy(out.logits, torch.tensor([1])).item())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad configurations
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (dict(num_attention_heads=6, multi_query_group_num=4), "multi_query_group_num"),
+        (dict(hidden_size=0), "hidden_size"),
+        (dict(num_layers=-1), "num_layers"),
+        (dict(kv_channels=6), "kv_channels"),
+        (dict(rope_ratio=0), "rope_ratio"),
+        (dict(rope_ratio=-2.0), "rope_ratio"),
+        (dict(padded_vocab_size=0), "padded_vocab_size"),
+        (dict(attn_implementation="flash_attention_9"), "attn_implementation"),
+    ],
+)
+def test_bad_configs_raise_naming_the_field(overrides, field):
+    with pytest.raises(ValueError, match=field):
+        tiny_config(**overrides)
+
+
+def test_legacy_tuple_cache_is_refused_clearly():
+    model = glm.ChatGLMForConditionalGeneration(tiny_config())
+    with pytest.raises(TypeError, match="Cache"):
+        model(torch.tensor([[5, 6]]), past_key_values=((torch.zeros(1), torch.zeros(1)),))
