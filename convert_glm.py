@@ -208,10 +208,11 @@ def convert_checkpoint(src, dst, to: str) -> None:
         config = native_config_to_glm(native, ChatGLMConfig)
         config.architectures = ["ChatGLMForConditionalGeneration"]
         _write_folder(native_to_glm_state_dict(_read_state_dict(src), config.num_layers), config, dst, src)
-        here = Path(__file__).resolve().parent
-        for code in ("configuration_glm.py", "modeling_glm.py", "tokenization_glm.py"):
-            if (here / code).exists():
-                shutil.copy2(here / code, dst / code)
+        from local_glm import CODE_FILES, ROOT
+
+        for code in CODE_FILES:
+            if (ROOT / code).exists():
+                shutil.copy2(ROOT / code, dst / code)
     else:
         raise ValueError(f"--to must be 'native' or 'glm', got {to!r}")
 

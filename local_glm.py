@@ -18,7 +18,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 PACKAGE = "glm_hf"
-CODE_FILES = ("configuration_glm.py", "modeling_glm.py", "tokenization_glm.py")
+CODE_FILES = ("configuration_glm.py", "modeling_glm.py", "chat_glm.py", "tokenization_glm.py")
 
 
 def _load():

@@ -25,6 +25,7 @@ from transformers.modeling_outputs import (
 )
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from .chat_glm import ChatMixin
 from .configuration_glm import ChatGLMConfig
 
 # transformers 5.x renamed the cache argument and output field `past_key_values` to `cache`; 4.57 uses the old name.
@@ -443,7 +444,7 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
                            ignore_index=-100)
 
 
-class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
+class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin, ChatMixin):
     """GLM causal language model (what AutoModel and AutoModelForCausalLM load).
 
     Example:
