@@ -309,6 +309,8 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         if implementation.startswith("flash_attention"):
             # Flash kernels take the 2D padding mask; causality is aligned bottom-right inside the kernel.
             return attention_mask
+        if implementation == "flex_attention":
+            return _flex_block_mask(attention_mask, batch, q_len, kv_len, past_len, device)
         if attention_mask is None and kv_len == past_len + q_len:
             if q_len == 1 or (q_len == kv_len and implementation == "sdpa"):
                 return None  # sdpa's is_causal (or a single query seeing everything) is the whole mask
@@ -424,6 +426,23 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
             **{CACHE_FIELD: cache if use_cache else None},
         )
         return outputs if return_dict else outputs.to_tuple()
+
+
+def _flex_block_mask(padding, batch, q_len, kv_len, past_len, device):
+    """The same causal + padding rule as a flex-attention BlockMask (a dense float mask crashes flex on CPU)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    if padding is not None and padding.shape[-1] < kv_len:
+        padding = F.pad(padding, (0, kv_len - padding.shape[-1]), value=False)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        query = q_idx + past_len
+        allowed = kv_idx <= query
+        if padding is None:
+            return allowed
+        return (allowed & padding[b, kv_idx]) | (kv_idx == query)
+
+    return create_block_mask(mask_mod, batch, None, q_len, kv_len, device=device)
 
 
 class _PrefixOnlyCache:

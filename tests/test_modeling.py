@@ -202,6 +202,32 @@ def test_output_attentions_with_eager_sum_to_one_and_skip_pads():
     assert weights[1, :, -1, :2].abs().max() == 0  # the last real token of row 1 never looks at its two pads
 
 
+def _attention_available(implementation):
+    if implementation == "flash_attention_2":
+        import importlib.util
+
+        return torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
+    return True
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "flex_attention", "flash_attention_2"])
+def test_attention_implementations_agree_with_eager(implementation):
+    if not _attention_available(implementation):
+        pytest.skip(f"{implementation} needs a CUDA GPU and the flash_attn package")
+    ids, mask = _left_padded_batch(128, [16, 11])
+    results = {}
+    for name in ("eager", implementation):
+        torch.manual_seed(11)
+        model = glm.ChatGLMForConditionalGeneration(tiny_config(attn_implementation=name)).eval()
+        with torch.no_grad():
+            logits = model(ids, attention_mask=mask).logits
+            tokens = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, eos_token_id=None)
+        results[name] = (logits, tokens)
+    real = mask.bool()
+    torch.testing.assert_close(results[implementation][0][real], results["eager"][0][real], atol=1e-5, rtol=0)
+    assert torch.equal(results[implementation][1], results["eager"][1])
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Published checkpoints: config files and weight names
 
