@@ -339,6 +339,16 @@ def test_root_config_json_is_chatglm3_6b_with_auto_map():
         assert (ROOT / f"{module}.py").exists(), auto
 
 
+def test_root_generation_config_stops_at_every_chatglm3_stop_token():
+    from transformers import GenerationConfig
+
+    generation = GenerationConfig.from_pretrained(ROOT)
+    # </s>, <|user|>, <|observation|> (GLM_SPEC section 5), and the original chat() sampling defaults.
+    assert generation.eos_token_id == [2, 64795, 64797] and generation.pad_token_id == 0
+    assert (generation.do_sample, generation.top_p, generation.temperature, generation.max_length) == (
+        True, 0.8, 0.8, 8192)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Training features
 
