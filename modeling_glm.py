@@ -241,12 +241,9 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
     # The original code saved its RoPE table; it is recomputed from the config.
     _keys_to_ignore_on_load_unexpected = [r"rotary_pos_emb\.inv_freq"]
     _supports_flash_attn = True
-    _supports_flash_attn_2 = True  # the name transformers < 4.53 read
     _supports_sdpa = True
     _supports_flex_attn = True
     _supports_attention_backend = True
-    _supports_cache_class = True
-    _supports_static_cache = True
 
 
 def _prefix_length(config: ChatGLMConfig) -> int:
