@@ -1,0 +1,311 @@
+"""Data for train.py: built-in generated skill data, loading any `datasets` source, checks, tokenization, batching.
+
+Two modes:
+- pretraining: a text column, tokenized once with `datasets.map` and packed into `block_size` blocks (every token
+  is a target);
+- SFT: a conversations column in the ChatGLM3 format (system with tools, user, assistant, tool calls, observation),
+  tokenized with `tokenizer.tokenize_conversation`, which sets the labels of everything except assistant replies (and
+  the stop token after each) to -100.
+
+Example:
+    >>> import data_glm
+    >>> train, heldout = data_glm.skill_splits(n_train=100, n_heldout=10, seed=0)
+    >>> train[0]["conversations"][-1]["role"]
+    'assistant'
+"""
+
+import itertools
+import json
+import os
+import random
+from dataclasses import dataclass
+
+import torch
+
+IGNORE_INDEX = -100
+ROLES = ("system", "user", "assistant", "observation")
+
+# ---------------------------------------------------------------------------------------------------------------
+# Built-in generated data: bilingual arithmetic and a weather tool call, verifiable by exact match.
+
+WEATHER_TOOL = {
+    "name": "get_weather",
+    "description": "Current weather of a city / 查询城市天气",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+}
+SYSTEM_PROMPT = "Answer the user. Call a tool when it is needed."
+CITIES = [
+    ("Beijing", "北京"), ("Shanghai", "上海"), ("Guangzhou", "广州"), ("Shenzhen", "深圳"), ("Hangzhou", "杭州"),
+    ("Chengdu", "成都"), ("Wuhan", "武汉"), ("Xi'an", "西安"), ("Nanjing", "南京"), ("Tianjin", "天津"),
+    ("Chongqing", "重庆"), ("Suzhou", "苏州"), ("Qingdao", "青岛"), ("Dalian", "大连"), ("Xiamen", "厦门"),
+    ("Harbin", "哈尔滨"), ("Kunming", "昆明"), ("Lhasa", "拉萨"), ("Tokyo", "东京"), ("Paris", "巴黎"),
+    ("London", "伦敦"), ("Berlin", "柏林"), ("Rome", "罗马"), ("Madrid", "马德里"), ("Moscow", "莫斯科"),
+    ("Cairo", "开罗"), ("Sydney", "悉尼"), ("Toronto", "多伦多"), ("Seoul", "首尔"), ("Singapore", "新加坡"),
+]
+WEATHER_TEMPLATES = {
+    "en": ["What's the weather in {city}?", "How is the weather in {city} today?",
+           "Check the weather for {city}, please."],
+    "zh": ["{city}天气怎么样？", "帮我查一下{city}的天气。", "{city}今天天气如何？"],
+}
+ADDITION_TEMPLATES = {"en": "What is {a} plus {b}?", "zh": "{a}+{b}等于多少？"}
+CONDITIONS = {"en": ["sunny", "cloudy", "rainy", "windy"], "zh": ["晴", "多云", "小雨", "有风"]}
+
+
+def addition_conversation(a: int, b: int, lang: str) -> list:
+    """'What is 12 plus 35?' / '12+35等于多少？' answered with the bare sum."""
+    return [
+        {"role": "user", "content": ADDITION_TEMPLATES[lang].format(a=a, b=b)},
+        {"role": "assistant", "content": str(a + b)},
+    ]
+
+
+def weather_conversation(city_index: int, template_index: int, lang: str, rng: random.Random) -> list:
+    """System message with the weather tool, a request, the tool call, its observation and the final answer."""
+    city = CITIES[city_index][0 if lang == "en" else 1]
+    condition = rng.randrange(len(CONDITIONS[lang]))
+    temperature = rng.randrange(-5, 36)
+    observation = json.dumps({"city": city, "weather": CONDITIONS["en"][condition], "temperature": temperature},
+                             ensure_ascii=False)
+    answer = (f"{city}: {CONDITIONS['en'][condition]}, {temperature}°C" if lang == "en"
+              else f"{city}：{CONDITIONS['zh'][condition]}，{temperature}°C")
+    return [
+        {"role": "system", "content": SYSTEM_PROMPT, "tools": [WEATHER_TOOL]},
+        {"role": "user", "content": WEATHER_TEMPLATES[lang][template_index].format(city=city)},
+        {"role": "assistant", "metadata": WEATHER_TOOL["name"],
+         "content": f"```python\ntool_call(city={city!r})\n```"},
+        {"role": "observation", "content": observation},
+        {"role": "assistant", "content": answer},
+    ]
+
+
+def skill_splits(n_train: int = 20000, n_heldout: int = 200, seed: int = 0, tool_fraction: float = 0.3):
+    """Generated training conversations and a held-out set that shares no (question, language) with them.
+
+    Held-out items are whole questions never seen in training: addition pairs (a, b) held out in both languages, and
+    (city, template, language) combinations held out for the tool call. Each held-out row has `conversations`
+    (ending with the reply to verify) and `kind` ("addition" or "tool_call").
+    """
+    rng = random.Random(seed)
+    pairs = [(a, b) for a in range(100) for b in range(100)]
+    rng.shuffle(pairs)
+    n_heldout_add = n_heldout - n_heldout // 3
+    heldout_pairs, train_pairs = pairs[:n_heldout_add], pairs[n_heldout_add:]
+    combos = [(c, t, lang) for c in range(len(CITIES)) for t in range(3) for lang in ("en", "zh")]
+    rng.shuffle(combos)
+    n_heldout_tool = n_heldout // 3
+    heldout_combos, train_combos = combos[:n_heldout_tool], combos[n_heldout_tool:]
+
+    heldout = [{"conversations": addition_conversation(a, b, rng.choice(("en", "zh"))), "kind": "addition"}
+               for a, b in heldout_pairs]
+    heldout += [{"conversations": weather_conversation(*combo, rng)[:3], "kind": "tool_call"}
+                for combo in heldout_combos]
+    train = []
+    for _ in range(n_train):
+        if rng.random() < tool_fraction:
+            train.append({"conversations": weather_conversation(*rng.choice(train_combos), rng)})
+        else:
+            a, b = rng.choice(train_pairs)
+            train.append({"conversations": addition_conversation(a, b, rng.choice(("en", "zh")))})
+    return train, heldout
+
+
+def conversation_texts(rows, column: str = "conversations"):
+    """Every string a conversation's tokens come from (contents, metadata, tool JSON): a tokenizer-training corpus."""
+    for row in rows:
+        for message in _drop_nulls(row[column]):
+            yield message.get("content") or ""
+            if message.get("metadata"):
+                yield message["metadata"]
+            if message.get("tools"):
+                yield json.dumps(message["tools"], indent=4, ensure_ascii=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading
+
+EXTENSIONS = {".txt": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+def data_files_builder(paths):
+    """The `datasets` builder name for local files, from their extension (txt, json, jsonl, csv, parquet)."""
+    kinds = set()
+    for path in paths:
+        extension = os.path.splitext(path)[1].lower()
+        if extension not in EXTENSIONS:
+            raise ValueError(f"{path}: unsupported file type {extension!r}; use one of {sorted(EXTENSIONS)}")
+        kinds.add(EXTENSIONS[extension])
+    if len(kinds) != 1:
+        raise ValueError(f"data files must share one type, got {sorted(kinds)}")
+    return kinds.pop()
+
+
+def load_raw(args):
+    """A DatasetDict (or IterableDatasetDict with --streaming) with `train` and, when given, `validation`."""
+    import datasets
+
+    if args.dataset_name is not None:
+        raw = datasets.load_dataset(args.dataset_name, args.dataset_config_name, streaming=args.streaming)
+    else:
+        files = {"train": args.train_file}
+        if args.validation_file:
+            files["validation"] = args.validation_file
+        builder = data_files_builder([f for f in files.values()])
+        kwargs = {"keep_linebreaks": True} if builder == "text" else {}
+        raw = datasets.load_dataset(builder, data_files=files, streaming=args.streaming, **kwargs)
+    if "train" not in raw:
+        raise ValueError(f"dataset has no 'train' split (splits: {sorted(raw.keys())})")
+    return raw
+
+
+def carve_validation(raw, percentage: int, seed: int):
+    """Split `validation_split_percentage` percent of train off as validation when the source has none."""
+    import datasets
+
+    if "validation" in raw:
+        return raw
+    if isinstance(raw, datasets.IterableDatasetDict):
+        # A stream has no length: the first rows become validation, the rest train.
+        n = max(1, percentage * 10)
+        return datasets.IterableDatasetDict({"train": raw["train"].skip(n), "validation": raw["train"].take(n)})
+    train = raw["train"]
+    if len(train) < 2:
+        raise ValueError(f"the train split has {len(train)} row(s): too few to carve a validation split; "
+                         "give --validation_file or more data")
+    split = train.train_test_split(test_size=max(1, len(train) * percentage // 100), seed=seed, shuffle=True)
+    return datasets.DatasetDict({"train": split["train"], "validation": split["test"]})
+
+
+def detect_mode(column_names, text_column: str, conversations_column: str, mode: str = "auto") -> str:
+    """'pretrain' or 'sft' from the requested mode or the columns present; names the column that is missing."""
+    columns = list(column_names or [])
+    if mode == "pretrain" or (mode == "auto" and text_column in columns):
+        if text_column not in columns:
+            raise ValueError(f"missing column: text column {text_column!r} not in dataset columns {columns}")
+        return "pretrain"
+    if mode == "sft" or (mode == "auto" and conversations_column in columns):
+        if conversations_column not in columns:
+            raise ValueError(f"missing column: conversations column {conversations_column!r} not in dataset "
+                             f"columns {columns}")
+        return "sft"
+    raise ValueError(f"missing column: neither text column {text_column!r} nor conversations column "
+                     f"{conversations_column!r} is in dataset columns {columns} (see --text_column, "
+                     "--conversations_column)")
+
+
+def _drop_nulls(value):
+    """Arrow gives every message every key seen in the column (absent ones as None); drop those again."""
+    if isinstance(value, dict):
+        return {k: _drop_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_drop_nulls(v) for v in value]
+    return value
+
+
+def check_conversation(messages, row: int):
+    """Structural check of one conversation; the error names the row and message index."""
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise ValueError(f"malformed conversation in row {row}: expected a non-empty list of messages, "
+                         f"got {messages!r:.80}")
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise ValueError(f"malformed conversation in row {row}, message {index}: not a dict: {message!r:.80}")
+        if message.get("role") not in ROLES:
+            raise ValueError(f"malformed conversation in row {row}, message {index}: role {message.get('role')!r}"
+                             f" is not one of {list(ROLES)}")
+        if not isinstance(message.get("content"), str):
+            raise ValueError(f"malformed conversation in row {row}, message {index}: content must be a string, "
+                             f"got {message.get('content')!r:.80}")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise ValueError(f"malformed conversation in row {row}: no assistant message, nothing to learn")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tokenization (once, through datasets.map, cached next to the source data)
+
+def tokenize_pretrain(dataset, tokenizer, text_column: str, block_size: int, num_proc=None, streaming=False):
+    """Tokenize the text column and pack it into block_size blocks (input_ids == labels)."""
+    eos = tokenizer.eos_token_id
+
+    def tokenize(batch):
+        ids = tokenizer(batch[text_column], add_special_tokens=False)["input_ids"]
+        return {"input_ids": [x + [eos] for x in ids]}
+
+    def pack(batch):
+        joined = list(itertools.chain.from_iterable(batch["input_ids"]))
+        total = len(joined) // block_size * block_size
+        blocks = [joined[i:i + block_size] for i in range(0, total, block_size)]
+        return {"input_ids": blocks, "labels": [list(b) for b in blocks]}
+
+    kwargs = {} if streaming else {"num_proc": num_proc, "desc": "tokenizing"}
+    columns = dataset.column_names
+    tokenized = dataset.map(tokenize, batched=True, remove_columns=columns, **kwargs)
+    kwargs = {} if streaming else {"num_proc": num_proc, "desc": f"packing into blocks of {block_size}"}
+    return tokenized.map(pack, batched=True, batch_size=1000, **kwargs)
+
+
+def tokenize_sft(dataset, tokenizer, conversations_column: str, block_size: int, num_proc=None, streaming=False):
+    """input_ids and labels (-100 outside assistant replies) per conversation, truncated to block_size."""
+
+    def tokenize(row, index):
+        messages = _drop_nulls(row[conversations_column])
+        check_conversation(messages, index)
+        try:
+            encoded = tokenizer.tokenize_conversation(messages, max_length=block_size)
+        except ValueError as error:
+            raise ValueError(f"malformed conversation in row {index}: {error}") from None
+        return {"input_ids": encoded["input_ids"], "labels": encoded["labels"]}
+
+    kwargs = {} if streaming else {"num_proc": num_proc, "desc": "tokenizing conversations"}
+    return dataset.map(tokenize, with_indices=True, remove_columns=dataset.column_names, **kwargs)
+
+
+@dataclass
+class Collator:
+    """Right-pads a list of {"input_ids", "labels"} rows into tensors; padded labels are -100."""
+
+    pad_token_id: int
+
+    def __call__(self, rows):
+        if isinstance(rows, dict):  # datasets' __getitems__ may hand over columns
+            rows = [dict(zip(rows, values)) for values in zip(*rows.values())]
+        length = max(len(r["input_ids"]) for r in rows)
+        input_ids = torch.full((len(rows), length), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+        for i, row in enumerate(rows):
+            n = len(row["input_ids"])
+            input_ids[i, :n] = torch.as_tensor(row["input_ids"])
+            labels[i, :n] = torch.as_tensor(row["labels"])
+            attention_mask[i, :n] = 1
+        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+class GlobalBatchSampler(torch.utils.data.Sampler):
+    """This process's micro-batches of a seeded per-epoch shuffle, starting at a given micro-batch (for resume).
+
+    Global batch g (of per_device_batch_size * num_processes rows) is split across processes in rank order, so any
+    number of processes sees the same global batches. The order depends only on (seed, epoch).
+    """
+
+    def __init__(self, num_rows, per_device_batch_size, num_processes, process_index, seed, epoch=0,
+                 start=0, shuffle=True):
+        self.num_rows, self.batch = num_rows, per_device_batch_size
+        self.num_processes, self.process_index = num_processes, process_index
+        self.seed, self.epoch, self.start, self.shuffle = seed, epoch, start, shuffle
+
+    def global_batches(self):
+        return self.num_rows // (self.batch * self.num_processes)
+
+    def __len__(self):
+        return max(0, self.global_batches() - self.start)
+
+    def __iter__(self):
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed * 1000003 + self.epoch)
+            order = torch.randperm(self.num_rows, generator=generator).tolist()
+        else:
+            order = list(range(self.num_rows))
+        size = self.batch * self.num_processes
+        for g in range(self.start, self.global_batches()):
+            first = g * size + self.process_index * self.batch
+            yield order[first:first + self.batch]
