@@ -1,5 +1,372 @@
-"""The original ChatGLM chat API (chat, stream_chat, quantize) on top of transformers' public generate()."""
+"""The original ChatGLM chat API (chat, stream_chat, quantize) on top of transformers' public generate().
+
+`ChatMixin` gives ChatGLMForConditionalGeneration the methods users of THUDM's code call (GLM_SPEC.md section 6):
+
+    >>> response, history = model.chat(tokenizer, "你好", history=[])
+    >>> for response, history in model.stream_chat(tokenizer, "讲个笑话", history=history):
+    ...     print(response)
+    >>> model.quantize(8)  # or 4: weight-only int8/int4 of the block matrices, with torchao
+
+Everything runs through `generate()`; streaming uses a `BaseStreamer` fed from a generate() thread. Tool calls
+(GLM_SPEC.md section 5) are parsed by `parse_tool_call`, which accepts literals only and never evaluates code.
+"""
+
+import ast
+import json
+import queue
+import re
+import threading
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
+
+# The four matrices of every GLMBlock that quantize() converts; embeddings and the output layer stay as they are.
+QUANTIZED_MATRICES = ("self_attention.query_key_value", "self_attention.dense", "mlp.dense_h_to_4h",
+                      "mlp.dense_4h_to_h")
+
+# A fenced block (```python ... ```); the closing fence may be missing when generation stopped early.
+_FENCE = re.compile(r"```[^\n]*\n(.*?)(?:```|\Z)", re.S)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tool calls
+
+
+def _literal_tool_call(source: str) -> dict:
+    """The keyword arguments of `tool_call(a=1, b="x")`, each of which must be a Python literal."""
+    call = ast.parse(source, mode="eval").body
+    if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id == "tool_call"):
+        raise ValueError("expected a single tool_call(name=value, ...) expression")
+    if call.args:
+        raise ValueError("tool_call takes keyword arguments only")
+    parameters = {}
+    for keyword in call.keywords:
+        if keyword.arg is None:
+            raise ValueError("tool_call does not take **kwargs")
+        if keyword.arg in parameters:
+            raise ValueError(f"argument {keyword.arg!r} given twice")
+        # literal_eval takes constants and containers of constants only: no names, calls or attributes.
+        try:
+            parameters[keyword.arg] = ast.literal_eval(keyword.value)
+        except ValueError:
+            raise ValueError(f"argument {keyword.arg!r} is not a literal: {ast.unparse(keyword.value)[:200]}")
+    return parameters
+
+
+def parse_tool_call(name: str, text: str) -> dict:
+    """A tool-call reply as {"name", "parameters"}; never raises and never runs code.
+
+    `name` is the reply's first line, `text` the rest. ChatGLM3 writes the arguments as a fenced
+    `tool_call(city="北京", days=3)` whose values must be Python literals; GLM-4 writes a JSON object.
+    A call that does not parse comes back as {"name", "parameters": None, "content": text, "error": reason},
+    so the reply is never lost.
+
+    Example:
+        >>> parse_tool_call("get_weather", '```python\\ntool_call(city="北京")\\n```')
+        {'name': 'get_weather', 'parameters': {'city': '北京'}}
+        >>> parse_tool_call("get_weather", '{"city": "北京"}')
+        {'name': 'get_weather', 'parameters': {'city': '北京'}}
+    """
+    name = name.strip()
+    body = text.strip()
+    fenced = _FENCE.search(body)
+    if fenced:
+        body = fenced.group(1).strip()
+    try:
+        if body.startswith("tool_call"):
+            parameters = _literal_tool_call(body)
+        else:
+            parameters = json.loads(body)
+            if not isinstance(parameters, dict):
+                raise ValueError(f"arguments must be a JSON object, got {type(parameters).__name__}")
+    # Whatever the model wrote (deep nesting, huge numbers, bad syntax), the reply must survive.
+    except Exception as error:  # noqa: BLE001
+        return {"name": name, "parameters": None, "content": text, "error": f"{type(error).__name__}: {error}"}
+    return {"name": name, "parameters": parameters}
+
+
+def _tools_enabled(history) -> bool:
+    return any(message.get("role") == "system" and message.get("tools") for message in history)
+
+
+def _split_metadata(segment: str):
+    """(metadata, content) of one assistant message: the first line is its metadata (tool name or channel)."""
+    if "\n" not in segment:
+        return "", segment
+    metadata, content = segment.split("\n", 1)
+    return metadata, content
+
+
+def process_response(segments, history):
+    """The reply and the history extended by it, from the decoded assistant message(s) of one generation.
+
+    `segments` is the decoded text of each assistant message (the model may open another with <|assistant|>
+    before it stops), or a single string. Each becomes a history item {"role": "assistant", "metadata",
+    "content"}. The reply is the last message: its text, or, when its first line names a tool and the system
+    message declares tools, `parse_tool_call`'s dict. Without tools a first line is another channel (for
+    example `interpreter`): it stays in the history item's metadata and the reply is the text.
+    """
+    if isinstance(segments, str):
+        segments = [segments]
+    history = list(history)
+    tools = _tools_enabled(history)
+    response = ""
+    for segment in segments:
+        metadata, content = _split_metadata(segment)
+        if not metadata.strip():
+            content = content.strip()
+        history.append({"role": "assistant", "metadata": metadata, "content": content})
+        response = parse_tool_call(metadata, content) if metadata.strip() and tools else content
+    return response, history
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Streaming plumbing around generate()
+
+
+@dataclass
+class ChatCache:
+    """The KV cache of a conversation, as `stream_chat(..., return_past_key_values=True)` returns it.
+
+    `cache` is the transformers Cache generate() filled; `token_ids` [1, n] are every token of the conversation
+    so far, which generate() needs beside the cache to continue it. Continuing updates the cache in place;
+    `copy.deepcopy` it first to branch a conversation.
+    """
+
+    cache: object
+    token_ids: torch.LongTensor
+
+
+class _TokenQueue(BaseStreamer):
+    """Hands the ids generate() produces to another thread; the prompt (its first put) is skipped."""
+
+    def __init__(self):
+        self.queue = queue.Queue()
+        self.prompt_seen = False
+
+    def put(self, value):
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        self.queue.put(value.reshape(-1).tolist())
+
+    def end(self):
+        self.queue.put(None)
+
+
+class _StopWhenSet(StoppingCriteria):
+    """Ends generation once the consumer of stream_chat has gone away."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+class _ReplyDecoder:
+    """Decodes generated ids into assistant messages, splitting at <|assistant|>, dropping stop tokens, and
+    holding back bytes that do not yet form a whole character."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.assistant_id = tokenizer.get_command("<|assistant|>")
+        self.stop_ids = set(tokenizer.stop_token_ids)
+        self.segments = [""]
+        self.decoder = tokenizer.stream_decoder()
+
+    def feed(self, ids):
+        for token_id in ids:
+            if token_id in self.stop_ids:
+                continue
+            if token_id == self.assistant_id:
+                self.segments[-1] += self.decoder.flush()
+                self.segments.append("")
+                self.decoder = self.tokenizer.stream_decoder()
+            else:
+                self.segments[-1] += self.decoder.put(token_id)
+
+    def finish(self):
+        self.segments[-1] += self.decoder.flush()
+
+
+# ---------------------------------------------------------------------------------------------------------------
 
 
 class ChatMixin:
-    """Adds `chat`, `stream_chat` and `quantize` to ChatGLMForConditionalGeneration (filled in by issue #5)."""
+    """`chat`, `stream_chat` and `quantize` for ChatGLMForConditionalGeneration, built on public generate()."""
+
+    def _chat_prompt(self, tokenizer, query, history, role, past):
+        """Prompt ids and mask: the whole conversation, or only the new turn after the ids `past` holds."""
+        if past is None:
+            input_ids = tokenizer.build_chat_input(query, history=history, role=role)["input_ids"]
+        else:
+            if getattr(self.config, "pre_seq_len", None):
+                raise ValueError("continuing from past_key_values is not supported with a P-tuning v2 prefix")
+            turn = tokenizer.build_chat_input(query, history=[], role=role)["input_ids"]
+            prefix = len(tokenizer.get_prefix_tokens())
+            input_ids = torch.cat((past.token_ids.to(turn.device), turn[:, prefix:]), dim=-1)
+        input_ids = input_ids.to(self.device)
+        return input_ids, torch.ones_like(input_ids)
+
+    def _chat_generate_kwargs(self, tokenizer, max_length, do_sample, top_p, temperature, generate_kwargs):
+        kwargs = dict(do_sample=do_sample, eos_token_id=list(tokenizer.stop_token_ids),
+                      pad_token_id=tokenizer.pad_token_id)
+        if do_sample:
+            kwargs.update(top_p=top_p, temperature=temperature)
+        if "max_new_tokens" not in generate_kwargs:
+            kwargs["max_length"] = max_length
+        kwargs.update(generate_kwargs)
+        return kwargs
+
+    def chat(self, tokenizer, query: str, history=None, role: str = "user", max_length: int = 8192,
+             do_sample: bool = True, top_p: float = 0.8, temperature: float = 0.8, **generate_kwargs):
+        """One turn: (response, history). `response` is the reply text, or a tool call's dict (see
+        `parse_tool_call`); `history` is a new list: the old one, the query, then the assistant message(s).
+
+        Extra keyword arguments go to `generate()` (e.g. `max_new_tokens`, `logits_processor`).
+
+        Example:
+            >>> response, history = model.chat(tokenizer, "你好", history=[])
+            >>> response, history = model.chat(tokenizer, "晚上睡不着应该怎么办", history=history)
+        """
+        history = list(history or [])
+        input_ids, attention_mask = self._chat_prompt(tokenizer, query, history, role, None)
+        kwargs = self._chat_generate_kwargs(tokenizer, max_length, do_sample, top_p, temperature, generate_kwargs)
+        output = self.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        decoder = _ReplyDecoder(tokenizer)
+        decoder.feed(output[0, input_ids.shape[1]:].tolist())
+        decoder.finish()
+        history.append({"role": role, "content": query})
+        return process_response(decoder.segments, history)
+
+    def stream_chat(self, tokenizer, query: str, history=None, role: str = "user",
+                    past_key_values: Optional[ChatCache] = None, max_length: int = 8192, do_sample: bool = True,
+                    top_p: float = 0.8, temperature: float = 0.8, return_past_key_values: bool = False,
+                    **generate_kwargs):
+        """Like `chat`, but yields (response_so_far, history) as the reply grows; the text never ends inside a
+        character. A tool call arrives as a dict in the last item only.
+
+        With `return_past_key_values=True` it yields (response, history, past_key_values), a `ChatCache`; passing
+        it back as `past_key_values` with the next query continues the conversation without running the model
+        over it again (the result is the same as re-encoding `history`).
+
+        Example:
+            >>> past = None
+            >>> for response, history, past in model.stream_chat(tokenizer, "你好", history, past_key_values=past,
+            ...                                                   return_past_key_values=True):
+            ...     print(response)
+        """
+        from .modeling_glm import CACHE_FIELD  # imported here: modeling_glm imports this file
+
+        history = list(history or [])
+        input_ids, attention_mask = self._chat_prompt(tokenizer, query, history, role, past_key_values)
+        kwargs = self._chat_generate_kwargs(tokenizer, max_length, do_sample, top_p, temperature, generate_kwargs)
+        cache = None
+        if past_key_values is not None:
+            cache = past_key_values.cache
+        elif return_past_key_values:
+            from transformers.cache_utils import DynamicCache
+
+            cache = DynamicCache()
+        if cache is not None:
+            kwargs[CACHE_FIELD] = cache
+
+        streamer = _TokenQueue()
+        consumer_gone = threading.Event()
+        stopping = StoppingCriteriaList(kwargs.pop("stopping_criteria", None) or [])
+        stopping.append(_StopWhenSet(consumer_gone))
+        result = {}
+
+        def run():
+            try:
+                result["sequences"] = self.generate(input_ids=input_ids, attention_mask=attention_mask,
+                                                    streamer=streamer, stopping_criteria=stopping, **kwargs)
+            except BaseException as error:  # re-raised in the consumer's thread
+                result["error"] = error
+            finally:
+                streamer.end()
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        history.append({"role": role, "content": query})
+        decoder = _ReplyDecoder(tokenizer)
+        try:
+            while (ids := streamer.queue.get()) is not None:
+                decoder.feed(ids)
+                segments = decoder.segments
+                if "\n" not in segments[-1] or not segments[-1].split("\n", 1)[1]:
+                    continue  # the message's first line (its metadata) is not complete yet
+                metadata, content = _split_metadata(segments[-1])
+                partial = process_response(segments[:-1], history)[1]
+                partial.append({"role": "assistant", "metadata": metadata,
+                                "content": content if metadata.strip() else content.strip()})
+                response = content if metadata.strip() else content.strip()
+                yield (response, partial, None) if return_past_key_values else (response, partial)
+            thread.join()
+            if "error" in result:
+                raise result["error"]
+            decoder.finish()
+            response, new_history = process_response(decoder.segments, history)
+            if return_past_key_values:
+                sequences = result["sequences"]
+                if sequences[0, -1].item() in set(tokenizer.stop_token_ids):
+                    sequences = sequences[:, :-1]  # the stop token is no part of the conversation
+                yield response, new_history, ChatCache(cache=cache, token_ids=sequences)
+            else:
+                yield response, new_history
+        finally:
+            consumer_gone.set()
+            thread.join()
+
+    # -----------------------------------------------------------------------------------------------------------
+
+    def quantize(self, bits: int):
+        """Weight-only int8 or int4 quantization of every block's query_key_value, dense, dense_h_to_4h and
+        dense_4h_to_h (embeddings, output layer and norms stay as they are), in place, with torchao. Returns self.
+
+        int8 keeps one scale per output row; int4 one scale and zero point per group of 128 inputs (64 or 32 when
+        the width needs it). Activations stay in the model's dtype.
+
+        Example:
+            >>> model = AutoModel.from_pretrained(path, trust_remote_code=True, dtype=torch.bfloat16).quantize(4)
+        """
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+        if bits not in (4, 8):
+            raise ValueError(f"quantize() takes 4 or 8 bits, got {bits!r}")
+        # Block matrices grouped by the config they take (int4's group size depends on the input width).
+        groups = {}
+        for name, module in self.named_modules():
+            if isinstance(module, torch.nn.Linear) and ".encoder.layers." in f".{name}" \
+                    and name.endswith(QUANTIZED_MATRICES):
+                key = 8 if bits == 8 else _int4_group_size(module.in_features)
+                groups.setdefault(key, set()).add(name)
+        for key, names in groups.items():
+            config = Int8WeightOnlyConfig() if bits == 8 else _int4_config(key, self.device)
+            quantize_(self, config, filter_fn=lambda module, fqn: fqn in names)
+        self.config.quantization_bit = bits
+        return self
+
+
+def _int4_group_size(in_features: int) -> int:
+    """The largest of torchao's int4 group sizes (128, 64, 32) that divides the input width."""
+    for size in (128, 64, 32):
+        if in_features % size == 0:
+            return size
+    raise ValueError(f"int4 quantization needs input widths divisible by 32, got {in_features}")
+
+
+def _int4_config(group_size: int, device: torch.device):
+    """torchao's int4 weight-only config for the device the weights are on."""
+    if device.type == "cuda":
+        from torchao.quantization import Int4WeightOnlyConfig
+
+        return Int4WeightOnlyConfig(group_size=group_size, int4_packing_format="tile_packed_to_4d")
+    # On CPU, torchao reaches its int4 kernel (aten._weight_int4pack_mm_for_cpu) through this prototype config.
+    from torchao.prototype.quantization.int4.inference_workflow import PrototypeInt4WeightOnlyConfig
+
+    return PrototypeInt4WeightOnlyConfig(group_size=group_size)
