@@ -1,0 +1,357 @@
+"""This repository's GLM against transformers' native GlmForCausalLM, side by side in one run; prints ratios.
+
+    python benchmarks/bench_model.py --quick                   # the ~50M config only, a few minutes on 2 CPU cores
+    python benchmarks/bench_model.py --configs small,large     # the table in docs/performance.md
+    python benchmarks/bench_model.py --device cuda             # bf16 on a GPU (adds the ~1B config by default)
+
+Both models get the same weights (ours converted with convert_glm.py), dtype, attention backend (sdpa) and inputs.
+Runs alternate between the two models (ABBA order) and every figure is the median of --repeats runs after a warm-up.
+What is measured, per config:
+  train    forward + backward + AdamW step on batch 4 x 512 (labels = inputs): tokens/s and MFU
+  memory   peak memory of that training step, each model alone in a fresh subprocess (see `memory_child`)
+  prefill  one forward over 2048 tokens with a cache and only the last logits, as generate() runs it: tokens/s
+  gen1/8   greedy generate() of 256 new tokens after a 32-token prompt, batch 1 and 8, each model with its own
+           default generation settings (native: DynamicCache): new tokens/s, and the share of the weight-streaming
+           bound (every weight matrix read once per decoding step at the measured bandwidth)
+and the machine's own limits in the same run: dense matmul FLOP/s (the best of a few square sizes) and matrix-vector
+bandwidth (a 256 MB fp32 / 1 GB bf16 weight times one vector, as a decoding step reads its weights).
+"""
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import convert_glm  # noqa: E402
+from local_glm import glm  # noqa: E402
+
+CONFIGS = {
+    # ~55M parameters: the issue's 50M config.
+    "small": dict(num_layers=8, hidden_size=512, num_attention_heads=8, multi_query_group_num=2, kv_channels=64,
+                  ffn_hidden_size=1376, padded_vocab_size=32000),
+    # ~3.5x small.
+    "large": dict(num_layers=12, hidden_size=1024, num_attention_heads=16, multi_query_group_num=2, kv_channels=64,
+                  ffn_hidden_size=2752, padded_vocab_size=32000),
+    # ~1B, for GPUs: chatglm3's head layout and vocabulary at a quarter of its depth and half its width.
+    "1b": dict(num_layers=16, hidden_size=2048, num_attention_heads=16, multi_query_group_num=2, kv_channels=128,
+               ffn_hidden_size=5632, padded_vocab_size=65024),
+}
+TRAIN_BATCH, TRAIN_LEN = 4, 512
+PREFILL_LEN = 2048
+PROMPT_LEN = 32
+SECTIONS = ("train", "memory", "prefill", "gen1", "gen8")
+
+
+def build_pair(name, device, dtype, which=("ours", "native")):
+    """Our model and the native one with the same (converted) weights, both on sdpa."""
+    from transformers import GlmForCausalLM
+
+    config = glm.ChatGLMConfig(**CONFIGS[name], seq_length=4096, pad_token_id=0, eos_token_id=2,
+                               attn_implementation="sdpa")
+    torch.manual_seed(0)
+    ours = glm.ChatGLMForConditionalGeneration(config)
+    models = {}
+    if "native" in which:
+        native_config = convert_glm.glm_config_to_native(config)
+        native_config._attn_implementation = "sdpa"
+        native = GlmForCausalLM(native_config)
+        native.load_state_dict(convert_glm.glm_to_native_state_dict(ours.state_dict(), config), strict=True)
+        models["native"] = native.to(device=device, dtype=dtype)
+    if "ours" in which:
+        models["ours"] = ours.to(device=device, dtype=dtype)
+    for model in models.values():
+        assert model.config._attn_implementation == "sdpa", model.config._attn_implementation
+    return config, models
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def alternate(functions, repeats, device, warmup=1):
+    """Median seconds of each function, run in ABBA order so that drifting machine load hits both alike."""
+    names = list(functions)
+    for _ in range(warmup):
+        for name in names:
+            functions[name]()
+    times = {name: [] for name in names}
+    for index in range(repeats):
+        for name in (names if index % 2 == 0 else names[::-1]):
+            synchronize(device)
+            start = time.perf_counter()
+            functions[name]()
+            synchronize(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def matmul_peak(device, dtype, repeats):
+    """Dense matmul FLOP/s: the best median over a few square sizes."""
+    sizes = (1024, 2048, 3072) if device.type == "cpu" else (4096, 8192)
+    best = 0.0
+    for n in sizes:
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
+        seconds = alternate({"mm": lambda: torch.mm(a, b)}, repeats, device)["mm"]
+        best = max(best, 2 * n ** 3 / seconds)
+    return best
+
+
+def matvec_bandwidth(device, dtype, repeats):
+    """Bytes/s of weight streaming: one vector times a weight far larger than the caches, as in decoding."""
+    rows = 8192 if device.type == "cpu" else 32768
+    cols = 8192 if device.type == "cpu" else 16384
+    weight = torch.randn(rows, cols, device=device, dtype=dtype)
+    vector = torch.randn(1, cols, device=device, dtype=dtype)
+    seconds = alternate({"mv": lambda: F.linear(vector, weight)}, max(repeats, 10), device)["mv"]
+    return weight.numel() * weight.element_size() / seconds
+
+
+def matmul_parameters(model):
+    """Parameters in matrix products: every 2-D weight except the token embedding (read one row per token)."""
+    embedding = model.get_input_embeddings().weight
+    return sum(p.numel() for p in model.parameters() if p.dim() == 2 and p is not embedding)
+
+
+def training_flops_per_token(config):
+    """6 per matmul parameter (forward + backward), plus causal attention: 6 * layers * q width * seq / 2 * 2."""
+    attention_width = config.num_attention_heads * config.kv_channels
+    return 6 * config.num_layers * attention_width * TRAIN_LEN  # matmul parameters added by the caller
+
+
+def train_step(model, ids, optimizer):
+    def step():
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
+def make_optimizer(model):
+    # The same optimizer for both; fused is the fastest AdamW on CPU and GPU alike.
+    return torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Memory: one model, one fresh process
+
+
+def _proc_status(field):
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def memory_child(which, name, device, dtype):
+    """Peak memory of one training step of one model, in this (fresh) process.
+
+    CUDA: torch's allocator peak. CPU: the kernel's resident high-water mark (VmHWM), reset through
+    /proc/self/clear_refs after a warm-up step, with glibc's mmap threshold pinned low (set by the parent) so that
+    every tensor is its own mapping and freed memory leaves the process at once. Returns bytes above the process
+    before the model existed: `total` (weights + gradients + AdamW state + activations at the step's peak) and `step`
+    (the peak above what the model holds between steps: activations, gradients, transients).
+    """
+    ids = torch.randint(3, CONFIGS[name]["padded_vocab_size"], (TRAIN_BATCH, TRAIN_LEN), device=device)
+    gc.collect()
+    cuda = device.type == "cuda"
+    base = torch.cuda.memory_allocated() if cuda else _proc_status("VmRSS")
+    _, models = build_pair(name, device, dtype, which=(which,))
+    model = models[which].train()
+    optimizer = make_optimizer(model)
+    step = train_step(model, ids, optimizer)
+    step()  # creates the AdamW state
+    gc.collect()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    else:
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")  # resets VmHWM to the current RSS
+        before = _proc_status("VmRSS")
+    step()
+    if cuda:
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        peak = _proc_status("VmHWM")
+    return {"total": peak - base, "step": peak - before}
+
+
+def measure_memory(name, device, dtype, threads):
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0", PYTHONPATH=str(ROOT))
+    results = {}
+    for which in ("native", "ours"):
+        command = [sys.executable, __file__, "--memory-child", which, "--configs", name, "--device", device.type,
+                   "--dtype", str(dtype).split(".")[-1], "--threads", str(threads)]
+        output = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+        if output.returncode != 0:
+            raise RuntimeError(f"memory child {which} failed:\n{output.stderr[-3000:]}")
+        results[which] = json.loads(output.stdout.strip().splitlines()[-1])
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def run_config(name, args, device, dtype, limits):
+    config, models = build_pair(name, device, dtype)
+    ours, native = models["ours"], models["native"]
+    matmul_params = matmul_parameters(ours)
+    assert matmul_params == matmul_parameters(native)
+    weight_bytes = matmul_params * torch.finfo(dtype).bits // 8
+    total_params = sum(p.numel() for p in ours.parameters())
+    vocab = config.padded_vocab_size
+    rows = []  # (metric, native, ours, ratio, note)
+    generator = torch.Generator().manual_seed(1)
+
+    if "train" in args.sections:
+        ids = torch.randint(3, vocab, (TRAIN_BATCH, TRAIN_LEN), generator=generator).to(device)
+        steps = {key: train_step(model.train(), ids, make_optimizer(model)) for key, model in models.items()}
+        seconds = alternate(steps, args.repeats, device)
+        del steps
+        # Training moved the weights, differently for each model: the inference sections start again from equal ones.
+        del models, ours, native
+        gc.collect()
+        _, models = build_pair(name, device, dtype)
+        gc.collect()
+        tokens = TRAIN_BATCH * TRAIN_LEN
+        flops = (6 * matmul_params + training_flops_per_token(config)) * tokens
+        speed = {key: tokens / s for key, s in seconds.items()}
+        rows.append(("train tokens/s", speed["native"], speed["ours"], speed["ours"] / speed["native"], ""))
+        mfu = {key: flops / s / limits["flops"] for key, s in seconds.items()}
+        rows.append(("train MFU (% of matmul peak)", 100 * mfu["native"], 100 * mfu["ours"],
+                     mfu["ours"] / mfu["native"], ""))
+
+    if "memory" in args.sections:
+        memory = measure_memory(name, device, dtype, args.threads)
+        for key, label in (("total", "train peak MB (total)"), ("step", "train peak MB (above state)")):
+            a, b = memory["native"][key] / 2 ** 20, memory["ours"][key] / 2 ** 20
+            rows.append((label, a, b, b / a, "lower is better"))
+
+    for model in models.values():
+        model.eval()
+
+    if "prefill" in args.sections:
+        ids = torch.randint(3, vocab, (1, PREFILL_LEN), generator=generator).to(device)
+
+        def prefill(model):
+            def run():
+                with torch.no_grad():
+                    model(input_ids=ids, use_cache=True, logits_to_keep=1)
+            return run
+
+        seconds = alternate({key: prefill(model) for key, model in models.items()}, args.repeats, device)
+        speed = {key: PREFILL_LEN / s for key, s in seconds.items()}
+        rows.append((f"prefill {PREFILL_LEN} tokens/s", speed["native"], speed["ours"],
+                     speed["ours"] / speed["native"], ""))
+
+    for batch in (1, 8):
+        if f"gen{batch}" not in args.sections:
+            continue
+        ids = torch.randint(3, vocab, (batch, PROMPT_LEN), generator=generator).to(device)
+        mask = torch.ones_like(ids)
+        outputs = {}
+
+        def generate(key, model):
+            def run():
+                outputs[key] = model.generate(ids, attention_mask=mask, max_new_tokens=args.new_tokens,
+                                              min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0,
+                                              eos_token_id=None)
+            return run
+
+        seconds = alternate({key: generate(key, model) for key, model in models.items()}, args.repeats, device)
+        same = (outputs["ours"] == outputs["native"]).float().mean().item()
+        new_tokens = batch * args.new_tokens
+        speed = {key: new_tokens / s for key, s in seconds.items()}
+        rows.append((f"generate b{batch} tokens/s", speed["native"], speed["ours"], speed["ours"] / speed["native"],
+                     f"tokens identical: {100 * same:.1f}%"))
+        bound = batch * limits["bandwidth"] / weight_bytes  # tokens/s if only weight reads took time
+        rows.append((f"generate b{batch} % of weight-streaming bound", 100 * speed["native"] / bound,
+                     100 * speed["ours"] / bound, speed["ours"] / speed["native"],
+                     f"bound {bound:.0f} tokens/s ({weight_bytes / 2 ** 20:.0f} MB/step)"))
+    return {"config": name, "parameters": total_params, "rows": rows}
+
+
+def print_table(result, header):
+    print(f"\n## {result['config']}: {result['parameters'] / 1e6:.1f}M parameters, {header}")
+    print(f"| {'metric':<42} | {'native':>10} | {'ours':>10} | {'ours/native':>11} | note")
+    print(f"|{'-' * 44}|{'-' * 12}|{'-' * 12}|{'-' * 13}|------")
+    for metric, a, b, ratio, note in result["rows"]:
+        print(f"| {metric:<42} | {a:>10.1f} | {b:>10.1f} | {ratio:>10.2f}x | {note}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", default=None, help=f"comma-separated, of {sorted(CONFIGS)} "
+                        "(default small,large on CPU; small,1b on CUDA)")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                        help="default float32 on CPU, bfloat16 on CUDA")
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs per model (default 5, --quick 3)")
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
+    parser.add_argument("--quick", action="store_true", help="the small config only, 3 repeats")
+    parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--memory-child", choices=("ours", "native"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype or ("float32" if device.type == "cpu" else "bfloat16"))
+    if args.memory_child:
+        print(json.dumps(memory_child(args.memory_child, args.configs, device, dtype)))
+        return
+    if args.configs is None:
+        args.configs = "small" if args.quick else ("small,large" if device.type == "cpu" else "small,1b")
+    args.repeats = args.repeats or (3 if args.quick else 5)
+    args.sections = set(args.sections.split(","))
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+
+    import platform
+
+    import transformers
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    machine = torch.cuda.get_device_name() if device.type == "cuda" else f"{cpu}, {args.threads} threads"
+    limits = {"flops": matmul_peak(device, dtype, args.repeats), "bandwidth": matvec_bandwidth(device, dtype,
+                                                                                               args.repeats)}
+    header = f"{str(dtype).split('.')[-1]}, {machine}, sdpa, torch {torch.__version__}, " \
+             f"transformers {transformers.__version__}"
+    print(f"# {header}")
+    print(f"# measured limits: matmul {limits['flops'] / 1e9:.1f} GFLOP/s, matrix-vector "
+          f"{limits['bandwidth'] / 1e9:.1f} GB/s; {args.repeats} alternating repeats, medians", flush=True)
+    results = []
+    for name in args.configs.split(","):
+        start = time.time()
+        result = run_config(name, args, device, dtype, limits)
+        print_table(result, f"{time.time() - start:.0f} s")
+        sys.stdout.flush()
+        results.append(result)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"header": header, "limits": limits, "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
