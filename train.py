@@ -31,7 +31,7 @@ LORA_TARGETS = ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
 # The built-in run's recipe (no data flags): tuned to reach >= 90% held-out accuracy on 2 CPU cores in minutes.
 BUILTIN_RECIPE = dict(config_name="tiny", learning_rate=3e-3, per_device_train_batch_size=32, max_train_steps=700,
                       num_warmup_steps=50, block_size=256, eval_steps=100, weight_decay=0.0, logging_steps=10,
-                      tokenizer_vocab_size=600)
+                      tokenizer_vocab_size=800)
 # Where nothing else is given (run_clm's values where it has one).
 GENERAL_DEFAULTS = dict(config_name=None, learning_rate=5e-5, per_device_train_batch_size=8, max_train_steps=None,
                         num_warmup_steps=0, block_size=None, eval_steps=500, weight_decay=0.0, logging_steps=10,
@@ -49,7 +49,7 @@ def parse_args(argv=None):
     model.add_argument("--tokenizer_name", help="A saved tokenizer folder or Hub id. Default: the model's; from "
                        "scratch, a new tokenizer is trained on the training data.")
     model.add_argument("--tokenizer_vocab_size", type=int, help="Vocabulary size of a tokenizer trained from "
-                       "scratch (default 600 built-in, 32000 otherwise).")
+                       "scratch (default 800 built-in, 32000 otherwise).")
     model.add_argument("--attn_implementation", default="sdpa", help="eager, sdpa, flash_attention_2, ...")
     data = parser.add_argument_group("data (none of these: the built-in generated skill data)")
     data.add_argument("--dataset_name", help="Any datasets.load_dataset source: a Hub name or a local folder.")
@@ -237,6 +237,10 @@ def build_model(args, config, tokenizer):
         torch.manual_seed(args.seed)
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=True,
                                                  attn_implementation=args.attn_implementation)
+    if config.pre_seq_len is not None:
+        # The model freezes its base in __init__, but transformers 5's from_pretrained hands back fresh parameters
+        # that all require grad; freeze again with the model's own method.
+        model.transformer.freeze_base_model()
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
@@ -615,6 +619,9 @@ def main(argv=None):
     last_checkpoint = complete_checkpoints(output_dir / "checkpoints")[-1:] or [None]
     last_checkpoint = checkpoint or last_checkpoint[0]
     loss_value, eval_loss, perplexity = float("nan"), None, None
+    if start_step == 0:
+        eval_loss, perplexity = evaluate(args, accelerator, model, validation, collate)
+        log({"step": 0, "eval_loss": eval_loss, "perplexity": perplexity})
     window_tokens, window_flops, window_start = 0, 0.0, time.time()
     for step in range(start_step + 1, args.max_train_steps + 1):
         micro = [{k: v.to(accelerator.device, non_blocking=True) for k, v in next(batches).items()}
@@ -876,8 +883,11 @@ def report_skills(output_dir: Path, heldout) -> float:
 def chat_reply(model, tokenizer, query, history=None):
     """model.chat when the chat API is present (chat_glm.py), else the prompt and a greedy generate."""
     if hasattr(model, "chat"):
-        response, _ = model.chat(tokenizer, query, history=list(history or []), do_sample=False)
-        return response
+        try:
+            response, _ = model.chat(tokenizer, query, history=list(history or []), do_sample=False)
+            return response
+        except Exception as error:  # say so, then answer through the plain prompt below
+            print(f"  (model.chat failed: {type(error).__name__}: {error}; using build_chat_input + generate)")
     inputs = tokenizer.build_chat_input(query, history=history or [], role="user")
     prompt = inputs["input_ids"][0].tolist()
     reply = generate_replies(model, tokenizer, [prompt], 64)[0]
