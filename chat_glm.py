@@ -92,35 +92,38 @@ def _tools_enabled(history) -> bool:
     return any(message.get("role") == "system" and message.get("tools") for message in history)
 
 
-def _split_metadata(segment: str):
-    """(metadata, content) of one assistant message: the first line is its metadata (tool name or channel)."""
-    if "\n" not in segment:
-        return "", segment
-    metadata, content = segment.split("\n", 1)
-    return metadata, content
-
-
-def process_response(segments, history):
-    """The reply and the history extended by it, from the decoded assistant message(s) of one generation.
-
-    `segments` is the decoded text of each assistant message (the model may open another with <|assistant|>
-    before it stops), or a single string. Each becomes a history item {"role": "assistant", "metadata",
-    "content"}. The reply is the last message: its text, or, when its first line names a tool and the system
-    message declares tools, `parse_tool_call`'s dict. Without tools a first line is another channel (for
-    example `interpreter`): it stays in the history item's metadata and the reply is the text.
-    """
-    if isinstance(segments, str):
-        segments = [segments]
+def _process(messages, history, parse_tools):
     history = list(history)
-    tools = _tools_enabled(history)
+    tools = parse_tools and _tools_enabled(history)
     response = ""
-    for segment in segments:
-        metadata, content = _split_metadata(segment)
-        if not metadata.strip():
-            content = content.strip()
+    for message in [messages] if isinstance(messages, str) else messages:
+        metadata, content = message.split("\n", 1) if "\n" in message else ("", message)
         history.append({"role": "assistant", "metadata": metadata, "content": content})
-        response = parse_tool_call(metadata, content) if metadata.strip() and tools else content
+        name = metadata.strip()
+        if not name:
+            response = content
+        elif tools:
+            response = parse_tool_call(name, content)
+        else:
+            response = {"name": name, "content": content}
     return response, history
+
+
+def process_response(messages, history):
+    """The reply and the history extended by it, from the assistant message(s) of one generation.
+
+    `messages` is one decoded assistant message, `metadata + "\n" + content`, or a list of them (the model may
+    open another message with <|assistant|> before it stops). Each becomes a history item {"role": "assistant",
+    "metadata", "content"} and the reply is the last one: its content when the metadata line is empty; when it names
+    a tool and a system message declares `tools`, `parse_tool_call`'s {"name", "parameters"} dict; otherwise another
+    channel's message (ChatGLM3's code interpreter), {"name": metadata, "content": content}, as the original API.
+    A new history list is returned; the caller's is not changed.
+
+    Example:
+        >>> process_response("\n你好", [])
+        ('你好', [{'role': 'assistant', 'metadata': '', 'content': '你好'}])
+    """
+    return _process(messages, history, parse_tools=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -168,29 +171,39 @@ class _StopWhenSet(StoppingCriteria):
 
 
 class _ReplyDecoder:
-    """Decodes generated ids into assistant messages, splitting at <|assistant|>, dropping stop tokens, and
-    holding back bytes that do not yet form a whole character."""
+    """Generated ids -> assistant messages (`metadata + "\n" + content`), in whole characters only.
+
+    Stop tokens are dropped and <|assistant|> starts a new message. The content gets a decoder of its own, because
+    the prompt format encodes metadata + "\n" and the content separately (each with ChatGLM3's dummy prefix)."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         self.assistant_id = tokenizer.get_command("<|assistant|>")
         self.stop_ids = set(tokenizer.stop_token_ids)
-        self.segments = [""]
-        self.decoder = tokenizer.stream_decoder()
+        self.messages = []
+        self._start_message()
+
+    def _start_message(self):
+        self.messages.append("")
+        self.metadata_done = False
+        self.decoder = self.tokenizer.stream_decoder()
 
     def feed(self, ids):
         for token_id in ids:
             if token_id in self.stop_ids:
                 continue
             if token_id == self.assistant_id:
-                self.segments[-1] += self.decoder.flush()
-                self.segments.append("")
-                self.decoder = self.tokenizer.stream_decoder()
-            else:
-                self.segments[-1] += self.decoder.put(token_id)
+                self.messages[-1] += self.decoder.flush()
+                self._start_message()
+                continue
+            self.messages[-1] += self.decoder.push(token_id)
+            if not self.metadata_done and "\n" in self.messages[-1]:
+                self.metadata_done = True
+                if self.messages[-1].endswith("\n"):
+                    self.decoder = self.tokenizer.stream_decoder()
 
     def finish(self):
-        self.segments[-1] += self.decoder.flush()
+        self.messages[-1] += self.decoder.flush()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -224,10 +237,11 @@ class ChatMixin:
 
     def chat(self, tokenizer, query: str, history=None, role: str = "user", max_length: int = 8192,
              do_sample: bool = True, top_p: float = 0.8, temperature: float = 0.8, **generate_kwargs):
-        """One turn: (response, history). `response` is the reply text, or a tool call's dict (see
-        `parse_tool_call`); `history` is a new list: the old one, the query, then the assistant message(s).
+        """One turn: (response, history). `response` is the reply text, or a dict for a tool call or another
+        channel (see `process_response`); `history` is a new list: the old one, the query as a `role` message,
+        then the assistant message(s). Generation stops at any of `tokenizer.stop_token_ids`.
 
-        Extra keyword arguments go to `generate()` (e.g. `max_new_tokens`, `logits_processor`).
+        Extra keyword arguments go to `generate()` (e.g. `max_new_tokens`, `logits_processor`, `num_beams`).
 
         Example:
             >>> response, history = model.chat(tokenizer, "你好", history=[])
@@ -240,19 +254,18 @@ class ChatMixin:
         decoder = _ReplyDecoder(tokenizer)
         decoder.feed(output[0, input_ids.shape[1]:].tolist())
         decoder.finish()
-        history.append({"role": role, "content": query})
-        return process_response(decoder.segments, history)
+        return process_response(decoder.messages, history + [{"role": role, "content": query}])
 
     def stream_chat(self, tokenizer, query: str, history=None, role: str = "user",
                     past_key_values: Optional[ChatCache] = None, max_length: int = 8192, do_sample: bool = True,
                     top_p: float = 0.8, temperature: float = 0.8, return_past_key_values: bool = False,
                     **generate_kwargs):
         """Like `chat`, but yields (response_so_far, history) as the reply grows; the text never ends inside a
-        character. A tool call arrives as a dict in the last item only.
+        character. A tool call is parsed in the last item only (before it, it shows as {"name", "content"}).
 
-        With `return_past_key_values=True` it yields (response, history, past_key_values), a `ChatCache`; passing
-        it back as `past_key_values` with the next query continues the conversation without running the model
-        over it again (the result is the same as re-encoding `history`).
+        With `return_past_key_values=True` it yields (response, history, past_key_values); the last item's
+        `past_key_values` is a `ChatCache`, which continues the conversation when passed back with the next query,
+        without running the model over it again: the same as re-encoding `history`. Earlier items carry None.
 
         Example:
             >>> past = None
@@ -262,13 +275,11 @@ class ChatMixin:
         """
         from .modeling_glm import CACHE_FIELD  # imported here: modeling_glm imports this file
 
-        history = list(history or [])
-        input_ids, attention_mask = self._chat_prompt(tokenizer, query, history, role, past_key_values)
+        history = list(history or []) + [{"role": role, "content": query}]
+        input_ids, attention_mask = self._chat_prompt(tokenizer, query, history[:-1], role, past_key_values)
         kwargs = self._chat_generate_kwargs(tokenizer, max_length, do_sample, top_p, temperature, generate_kwargs)
-        cache = None
-        if past_key_values is not None:
-            cache = past_key_values.cache
-        elif return_past_key_values:
+        cache = past_key_values.cache if past_key_values is not None else None
+        if cache is None and return_past_key_values:
             from transformers.cache_utils import DynamicCache
 
             cache = DynamicCache()
@@ -292,32 +303,25 @@ class ChatMixin:
 
         thread = threading.Thread(target=run, daemon=True)
         thread.start()
-        history.append({"role": role, "content": query})
         decoder = _ReplyDecoder(tokenizer)
         try:
             while (ids := streamer.queue.get()) is not None:
                 decoder.feed(ids)
-                segments = decoder.segments
-                if "\n" not in segments[-1] or not segments[-1].split("\n", 1)[1]:
-                    continue  # the message's first line (its metadata) is not complete yet
-                metadata, content = _split_metadata(segments[-1])
-                partial = process_response(segments[:-1], history)[1]
-                partial.append({"role": "assistant", "metadata": metadata,
-                                "content": content if metadata.strip() else content.strip()})
-                response = content if metadata.strip() else content.strip()
-                yield (response, partial, None) if return_past_key_values else (response, partial)
+                if decoder.metadata_done:
+                    response, partial = _process(decoder.messages, history, parse_tools=False)
+                    yield (response, partial, None) if return_past_key_values else (response, partial)
             thread.join()
             if "error" in result:
                 raise result["error"]
             decoder.finish()
-            response, new_history = process_response(decoder.segments, history)
-            if return_past_key_values:
-                sequences = result["sequences"]
-                if sequences[0, -1].item() in set(tokenizer.stop_token_ids):
-                    sequences = sequences[:, :-1]  # the stop token is no part of the conversation
-                yield response, new_history, ChatCache(cache=cache, token_ids=sequences)
-            else:
-                yield response, new_history
+            response, history = process_response(decoder.messages, history)
+            if not return_past_key_values:
+                yield response, history
+                return
+            sequences = result["sequences"]
+            if sequences[0, -1].item() in decoder.stop_ids:
+                sequences = sequences[:, :-1]  # the stop token is no part of the conversation
+            yield response, history, ChatCache(cache=cache, token_ids=sequences)
         finally:
             consumer_gone.set()
             thread.join()

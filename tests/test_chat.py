@@ -10,6 +10,7 @@ import threading
 import pytest
 import torch
 from conftest import ROOT, glm, tiny_config
+from transformers import LogitsProcessor, LogitsProcessorList
 
 chat_glm = sys.modules["glm_hf.chat_glm"]
 parse_tool_call = chat_glm.parse_tool_call
@@ -89,16 +90,16 @@ def test_process_response_tool_call_channel_and_text():
     bad, _ = process_response("get_weather\n```python\ntool_call(city=北京)\n```", history)
     assert bad["parameters"] is None and "city" in bad["error"]
 
-    # Without tools a first line is another channel: kept as metadata, the reply is text.
+    # Without tools a first line is another channel: kept as metadata, with the text as content.
     response, new_history = process_response("interpreter\n```python\nprint(1)\n```", history[1:])
-    assert response == "```python\nprint(1)\n```"
+    assert response == {"name": "interpreter", "content": "```python\nprint(1)\n```"}
     assert new_history[-1]["metadata"] == "interpreter"
 
-    response, new_history = process_response(["\n 先算一下", "interpreter\nprint(2)"], history[1:])
-    assert response == "print(2)"
+    response, new_history = process_response(["\n先算一下", "interpreter\nprint(2)"], history[1:])
+    assert response == {"name": "interpreter", "content": "print(2)"}
     assert [m["content"] for m in new_history[1:]] == ["先算一下", "print(2)"]
 
-    response, new_history = process_response("\n 你好 ", [])
+    response, new_history = process_response("\n你好", [])
     assert (response, new_history) == ("你好", [{"role": "assistant", "metadata": "", "content": "你好"}])
 
 
@@ -193,3 +194,156 @@ def test_quantize_rejects_other_bit_widths():
     model = glm.ChatGLMForConditionalGeneration(tiny_config())
     with pytest.raises(ValueError, match="4 or 8"):
         model.quantize(3)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# chat / stream_chat on a tiny model and a tiny trained tokenizer
+
+CORPUS = ["hello world, the quick brown fox jumps over the lazy dog", "你好，世界！今天天气很好。",
+          "get_weather tool_call(city='北京') interpreter print"]
+# Not in the corpus, so they encode as byte-fallback pieces: a 4-byte emoji and a 4-byte CJK Extension B character.
+RARE = "😀𠀋"
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return glm.tokenization.train_glm_tokenizer(CORPUS * 20, vocab_size=400)
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    torch.manual_seed(0)
+    return glm.ChatGLMForConditionalGeneration(tiny_config(padded_vocab_size=416)).eval()
+
+
+class ForceTokens(LogitsProcessor):
+    """Makes generate() emit `ids` after the prompt, then repeat the last one."""
+
+    def __init__(self, ids):
+        self.ids, self.start = list(ids), None
+
+    def __call__(self, input_ids, scores):
+        self.start = input_ids.shape[1] if self.start is None else self.start
+        forced = self.ids[min(input_ids.shape[1] - self.start, len(self.ids) - 1)]
+        return torch.full_like(scores, float("-inf")).index_fill_(-1, torch.tensor([forced]), 0.0)
+
+
+def reply_ids(tokenizer, content, metadata=""):
+    """The ids the model writes for an assistant message (what follows its <|assistant|>)."""
+    return tokenizer.build_single_message("assistant", metadata, content)[1:]
+
+
+def forced(tokenizer, content, metadata="", stop="<|user|>", then=()):
+    ids = reply_ids(tokenizer, content, metadata) + [tokenizer.get_command(stop)] + list(then)
+    return dict(logits_processor=LogitsProcessorList([ForceTokens(ids)]), max_new_tokens=len(ids))
+
+
+@pytest.mark.parametrize("stop", ["</s>", "<|user|>", "<|observation|>"])
+def test_chat_stops_at_every_stop_token_and_returns_history(tokenizer, model, stop):
+    assert tokenizer.convert_tokens_to_ids(stop) in tokenizer.stop_token_ids
+    junk = tokenizer.encode("lazy dog", add_special_tokens=False)
+    history = [{"role": "user", "content": "hi"}, {"role": "assistant", "metadata": "", "content": "hello"}]
+    response, new_history = model.chat(tokenizer, "你好", history, **forced(tokenizer, "你好" + RARE, stop=stop,
+                                                                           then=junk))
+    assert response == "你好" + RARE
+    assert history == [{"role": "user", "content": "hi"}, {"role": "assistant", "metadata": "", "content": "hello"}]
+    assert new_history == history + [{"role": "user", "content": "你好"},
+                                      {"role": "assistant", "metadata": "", "content": "你好" + RARE}]
+
+
+def test_stream_chat_grows_in_whole_characters(tokenizer, model):
+    text = "你好" + RARE + " fox" + RARE
+    ids = reply_ids(tokenizer, text)
+    assert sum(3 <= i <= 258 for i in ids) >= 16  # the rare characters arrive as single bytes
+    items = list(model.stream_chat(tokenizer, "hi", [], **forced(tokenizer, text)))
+    responses = [response for response, _ in items]
+    assert len(responses) > 5 and responses[-1] == text
+    assert not any("\ufffd" in response for response in responses)
+    assert all(b.startswith(a) for a, b in zip(responses, responses[1:]))
+    assert items[-1][1] == [{"role": "user", "content": "hi"}, {"role": "assistant", "metadata": "", "content": text}]
+    assert model.chat(tokenizer, "hi", [], **forced(tokenizer, text)) == items[-1]
+
+
+def test_tool_call_observation_and_channel(tokenizer, model):
+    system = {"role": "system", "content": "Answer with tools:", "tools": TOOLS}
+    call = "```python\ntool_call(city='北京')\n```"
+    response, history = model.chat(tokenizer, "北京天气", [system],
+                                   **forced(tokenizer, call, metadata="get_weather", stop="<|observation|>"))
+    assert response == {"name": "get_weather", "parameters": {"city": "北京"}}
+    assert history[-1] == {"role": "assistant", "metadata": "get_weather", "content": call}
+
+    # The tool's result goes back as an observation; the prompt is the whole conversation, re-encoded as written.
+    observation = json.dumps({"weather": "晴"}, ensure_ascii=False)
+    prompt = tokenizer.build_chat_input(observation, history, role="observation")["input_ids"][0].tolist()
+    assert prompt[-len(reply_ids(tokenizer, call, "get_weather")) - 1 - 9:].count(tokenizer.get_command(
+        "<|observation|>")) == 1
+    response, history = model.chat(tokenizer, observation, history, role="observation",
+                                   **forced(tokenizer, "北京今天晴"))
+    assert response == "北京今天晴"
+    assert [m["role"] for m in history] == ["system", "user", "assistant", "observation", "assistant"]
+
+    # Hostile arguments: reported, not run; the reply text is kept.
+    if os.path.exists(PWNED):
+        os.remove(PWNED)
+    evil = f"```python\ntool_call(x=__import__('os').system('touch {PWNED}'))\n```"
+    response, history = model.chat(tokenizer, "北京天气", [system],
+                                   **forced(tokenizer, evil, metadata="get_weather", stop="<|observation|>"))
+    assert not os.path.exists(PWNED)
+    assert response["parameters"] is None and "not a literal" in response["error"] and response["content"] == evil
+
+    # Without tools, a first line is another channel (ChatGLM3's code interpreter).
+    response, history = model.chat(tokenizer, "算一下", [], **forced(tokenizer, "print(1)", metadata="interpreter"))
+    assert response == {"name": "interpreter", "content": "print(1)"}
+    assert history[-1] == {"role": "assistant", "metadata": "interpreter", "content": "print(1)"}
+
+    # Streaming a tool call: the channel form while it grows, the parsed call at the end.
+    items = list(model.stream_chat(tokenizer, "北京天气", [system],
+                                   **forced(tokenizer, call, metadata="get_weather", stop="<|observation|>")))
+    assert items[-1][0] == {"name": "get_weather", "parameters": {"city": "北京"}}
+    assert items[-2][0] == {"name": "get_weather", "content": call}
+
+
+@pytest.mark.parametrize("stopped", [True, False], ids=["stop-token", "max-new-tokens"])
+def test_stream_chat_cache_continuation_equals_reencoding(tokenizer, model, stopped):
+    turn = forced(tokenizer, "你好" + RARE, stop="<|user|>")
+    if not stopped:  # the reply ends on a plain token, which generate() never ran through the model
+        turn["max_new_tokens"] -= 1
+    *_, (response, history, past) = model.stream_chat(tokenizer, "hi", [], do_sample=False,
+                                                      return_past_key_values=True, **turn)
+    assert response == "你好" + RARE
+    assert past.cache.get_seq_length() == past.token_ids.shape[1] - (0 if stopped else 1)
+
+    greedy = dict(do_sample=False, max_new_tokens=10, return_past_key_values=True)
+    *_, (cached_response, cached_history, cached) = model.stream_chat(tokenizer, "fox", history,
+                                                                      past_key_values=past, **greedy)
+    *_, (response, new_history, reencoded) = model.stream_chat(tokenizer, "fox", history, **greedy)
+    assert torch.equal(cached.token_ids, reencoded.token_ids)  # prompt and reply tokens alike
+    assert (cached_response, cached_history) == (response, new_history)
+    assert cached.cache is past.cache  # continued in place
+
+
+def test_stream_chat_stops_generation_when_abandoned(tokenizer, model):
+    stream = model.stream_chat(tokenizer, "hi", [], do_sample=False, max_new_tokens=200,
+                               **{"logits_processor": LogitsProcessorList([ForceTokens(reply_ids(tokenizer, "a" * 300))])})
+    next(stream)
+    stream.close()  # joins the generate() thread, which the stopping criterion ends at once
+    assert not [t for t in threading.enumerate() if t.name.startswith("Thread") and t.is_alive() and t.daemon]
+
+
+def test_batch_generation_matches_single(tokenizer, model):
+    conversations = [[{"role": "user", "content": "你好"}],
+                     [{"role": "user", "content": "hello world"}, {"role": "assistant", "content": "fox"},
+                      {"role": "user", "content": "the lazy dog jumps"}],
+                     [{"role": "system", "content": "Answer with tools:", "tools": TOOLS},
+                      {"role": "user", "content": "北京天气"}]]
+    batch = tokenizer.apply_chat_template(conversations, add_generation_prompt=True, padding=True,
+                                          return_tensors="pt", return_dict=True)
+    assert batch["attention_mask"][:, 0].tolist().count(0) >= 1  # left padding
+    greedy = dict(do_sample=False, max_new_tokens=8, eos_token_id=None, pad_token_id=tokenizer.pad_token_id)
+    together = model.generate(**batch, **greedy)[:, batch["input_ids"].shape[1]:]
+    for row, conversation in enumerate(conversations):
+        *history, last = conversation
+        single = tokenizer.build_chat_input(last["content"], history)
+        assert torch.equal(single["input_ids"][0], batch["input_ids"][row][batch["attention_mask"][row].bool()])
+        alone = model.generate(**single, **greedy)[0, single["input_ids"].shape[1]:]
+        assert torch.equal(alone, together[row])
