@@ -533,7 +533,11 @@ def main(argv=None):
         else:
             mixed_precision = "no"
     output_dir = Path(args.output_dir)
+    # Several processes started by torchrun / `accelerate launch --multi_gpu` on a machine without a GPU: DDP over
+    # gloo on the CPU (accelerate's own `--cpu` multi-process path needs MPI).
+    cpu_ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
     accelerator = Accelerator(
+        cpu=cpu_ddp,
         mixed_precision=mixed_precision,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         log_with=None if args.report_to == "none" else args.report_to,
