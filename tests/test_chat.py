@@ -10,7 +10,8 @@ import threading
 import pytest
 import torch
 from conftest import ROOT, glm, tiny_config
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import (AutoModelForCausalLM, AutoTokenizer, LogitsProcessor, LogitsProcessorList,
+                          TextIteratorStreamer, pipeline)
 
 chat_glm = sys.modules["glm_hf.chat_glm"]
 parse_tool_call = chat_glm.parse_tool_call
@@ -347,3 +348,114 @@ def test_batch_generation_matches_single(tokenizer, model):
         assert torch.equal(single["input_ids"][0], batch["input_ids"][row][batch["attention_mask"][row].bool()])
         alone = model.generate(**single, **greedy)[0, single["input_ids"].shape[1]:]
         assert torch.equal(alone, together[row])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A saved folder: the standard transformers ways and chat.py
+
+SMALL_TOOLS = [{"name": "get_weather", "parameters": {"city": "string"}}]
+TOOL_CALL = "```python\ntool_call(city='北京')\n```"
+TRAINED_CONVERSATIONS = [
+    [{"role": "system", "content": "工具", "tools": SMALL_TOOLS}, {"role": "user", "content": "北京天气"},
+     {"role": "assistant", "metadata": "get_weather", "content": TOOL_CALL},
+     {"role": "observation", "content": '{"weather": "晴"}'}, {"role": "assistant", "content": "北京今天晴"}],
+    [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好" + RARE}],
+]
+
+
+@pytest.fixture(scope="module")
+def chat_folder(tmp_path_factory):
+    """A tiny model trained until greedy decoding replays TRAINED_CONVERSATIONS, saved with its tokenizer and code
+    as a Hub-style folder."""
+    corpus = CORPUS + [json.dumps(SMALL_TOOLS, indent=4), TOOL_CALL]
+    tokenizer = glm.tokenization.train_glm_tokenizer(corpus * 20, vocab_size=400)
+    rows = [tokenizer.tokenize_conversation(conversation) for conversation in TRAINED_CONVERSATIONS]
+    torch.manual_seed(0)
+    model = glm.ChatGLMForConditionalGeneration(tiny_config(padded_vocab_size=416))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(150):
+        loss = sum(model(torch.tensor([row["input_ids"]]), labels=torch.tensor([row["labels"]])).loss for row in rows)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        if loss.item() < 0.02:
+            break
+    folder = tmp_path_factory.mktemp("chat_model")
+    model.generation_config.eos_token_id = tokenizer.stop_token_ids
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_saved_folder_chats_like_its_training(chat_folder):
+    tokenizer = AutoTokenizer.from_pretrained(chat_folder, trust_remote_code=True)
+    model = AutoModelForCausalLM.from_pretrained(chat_folder, trust_remote_code=True).eval()
+    greedy = dict(do_sample=False, max_new_tokens=40)
+    system = TRAINED_CONVERSATIONS[0][0]
+    response, history = model.chat(tokenizer, "北京天气", [system], **greedy)
+    assert response == {"name": "get_weather", "parameters": {"city": "北京"}}
+    response, history = model.chat(tokenizer, '{"weather": "晴"}', history, role="observation", **greedy)
+    assert response == "北京今天晴"
+    assert history == TRAINED_CONVERSATIONS[0][:4] + [{"role": "assistant", "metadata": "", "content": "北京今天晴"}]
+    assert model.chat(tokenizer, "你好", **greedy)[0] == "你好" + RARE
+
+
+def test_chat_template_generate_and_text_iterator_streamer(chat_folder):
+    tokenizer = AutoTokenizer.from_pretrained(chat_folder, trust_remote_code=True)
+    model = AutoModelForCausalLM.from_pretrained(chat_folder, trust_remote_code=True).eval()
+    messages = [{"role": "user", "content": "你好"}]
+    input_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                              return_dict=False)
+    assert input_ids.tolist() == tokenizer.build_chat_input("你好")["input_ids"].tolist()
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    kwargs = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
+                  max_new_tokens=40, streamer=streamer)
+    thread = threading.Thread(target=model.generate, kwargs=kwargs)
+    thread.start()
+    chunks = list(streamer)
+    thread.join()
+    # The reply is the metadata line ("") and the content; generation_config's eos ids stopped it.
+    assert "".join(chunks).strip() == "你好" + RARE
+    assert not any("\ufffd" in chunk for chunk in chunks)
+
+
+def test_text_generation_pipeline_with_chat_messages(chat_folder):
+    generator = pipeline("text-generation", model=str(chat_folder), trust_remote_code=True)
+    messages = [{"role": "user", "content": "你好"}]
+    output = generator(messages, do_sample=False, max_new_tokens=40)
+    conversation = output[0]["generated_text"]
+    assert conversation[:-1] == messages and conversation[-1]["role"] == "assistant"
+    assert conversation[-1]["content"].strip() == "你好" + RARE
+
+
+def test_chat_script_through_a_pipe(chat_folder, tmp_path):
+    tools = tmp_path / "tools.json"
+    tools.write_text(json.dumps(SMALL_TOOLS), encoding="utf-8")
+    lines = ["北京天气", '{"weather": "晴"}', "clear", "stop", "never read"]
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "chat.py"), str(chat_folder), "--greedy", "--tools", str(tools),
+         "--system", "工具", "--max-length", "200"],
+        input="\n".join(lines) + "\n", capture_output=True, text=True, encoding="utf-8", timeout=300,
+        env={**os.environ, "PYTHONIOENCODING": "utf-8"},
+    )
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "[tool call] get_weather({\"city\": \"北京\"})" in out
+    assert "Observation: " in out and "GLM: 北京今天晴" in out
+    assert "(new conversation)" in out
+    assert out.index("[tool call]") < out.index("北京今天晴") < out.index("(new conversation)")
+
+
+def test_chat_script_history_and_clear(chat_folder):
+    lines = ["你好", "你好", "clear", "你好"]
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "chat.py"), str(chat_folder), "--greedy", "--max-length", "120"],
+        input="\n".join(lines) + "\n", capture_output=True, text=True, encoding="utf-8", timeout=300,
+        env={**os.environ, "PYTHONIOENCODING": "utf-8"},
+    )
+    assert result.returncode == 0, result.stderr
+    replies = [part.split("\n")[0] for part in result.stdout.split("GLM: ")[1:]]
+    assert len(replies) == 3
+    # After clear the conversation starts over: the same greedy reply as the first turn.
+    assert replies[0] == replies[2] == "你好" + RARE
