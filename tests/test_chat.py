@@ -1,5 +1,6 @@
 """The chat API (chat_glm.py, chat.py): chat/stream_chat, tool calls, the standard transformers ways, quantize."""
 
+import base64
 import copy
 import json
 import os
@@ -206,9 +207,26 @@ CORPUS = ["hello world, the quick brown fox jumps over the lazy dog", "你好，
 RARE = "😀𠀋"
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
+def glm4_tokenizer(folder):
+    """A GLM-4-style tokenizer (byte-level BPE from a tiktoken ranks file, no dummy prefix) on a tiny vocabulary:
+    the 256 bytes and a few words."""
+    words = ["你好", " fox", " the", "get", "_weather", "北京", "天气"]
+    ranks = [bytes([byte]) for byte in range(256)] + [word.encode() for word in words]
+    path = folder / "tokenizer.model"
+    path.write_text("".join(f"{base64.b64encode(token).decode()} {rank}\n" for rank, token in enumerate(ranks)))
+    return glm.ChatGLMTokenizer(vocab_file=str(path))
+
+
+@pytest.fixture(scope="module", params=["chatglm3", "glm4"])
+def tokenizer(request, tmp_path_factory):
+    if request.param == "glm4":
+        return glm4_tokenizer(tmp_path_factory.mktemp("glm4_tokenizer"))
     return glm.tokenization.train_glm_tokenizer(CORPUS * 20, vocab_size=400)
+
+
+def tool_call_text(tokenizer, parameters):
+    """The content a model of this family writes for a tool call: ChatGLM3's tool_call(...), GLM-4's JSON."""
+    return glm.tokenization.format_tool_call("get_weather", parameters, glm4=tokenizer.is_glm4)[1]
 
 
 @pytest.fixture(scope="module")
@@ -239,9 +257,9 @@ def forced(tokenizer, content, metadata="", stop="<|user|>", then=()):
     return dict(logits_processor=LogitsProcessorList([ForceTokens(ids)]), max_new_tokens=len(ids))
 
 
-@pytest.mark.parametrize("stop", ["</s>", "<|user|>", "<|observation|>"])
+@pytest.mark.parametrize("stop", ["<eos>", "<|user|>", "<|observation|>"])
 def test_chat_stops_at_every_stop_token_and_returns_history(tokenizer, model, stop):
-    assert tokenizer.convert_tokens_to_ids(stop) in tokenizer.stop_token_ids
+    assert tokenizer.get_command(stop) in tokenizer.stop_token_ids
     junk = tokenizer.encode("lazy dog", add_special_tokens=False)
     history = [{"role": "user", "content": "hi"}, {"role": "assistant", "metadata": "", "content": "hello"}]
     response, new_history = model.chat(tokenizer, "你好", history, **forced(tokenizer, "你好" + RARE, stop=stop,
@@ -255,7 +273,9 @@ def test_chat_stops_at_every_stop_token_and_returns_history(tokenizer, model, st
 def test_stream_chat_grows_in_whole_characters(tokenizer, model):
     text = "你好" + RARE + " fox" + RARE
     ids = reply_ids(tokenizer, text)
-    assert sum(3 <= i <= 258 for i in ids) >= 16  # the rare characters arrive as single bytes
+    # The rare characters arrive as single bytes (ChatGLM3's <0xNN> pieces at ids 3..258, GLM-4's byte tokens).
+    single_bytes = range(256) if tokenizer.is_glm4 else range(3, 259)
+    assert sum(i in single_bytes for i in ids) >= 16
     items = list(model.stream_chat(tokenizer, "hi", [], **forced(tokenizer, text)))
     responses = [response for response, _ in items]
     assert len(responses) > 5 and responses[-1] == text
@@ -267,17 +287,19 @@ def test_stream_chat_grows_in_whole_characters(tokenizer, model):
 
 def test_tool_call_observation_and_channel(tokenizer, model):
     system = {"role": "system", "content": "Answer with tools:", "tools": TOOLS}
-    call = "```python\ntool_call(city='北京')\n```"
+    call = tool_call_text(tokenizer, {"city": "北京"})
     response, history = model.chat(tokenizer, "北京天气", [system],
                                    **forced(tokenizer, call, metadata="get_weather", stop="<|observation|>"))
     assert response == {"name": "get_weather", "parameters": {"city": "北京"}}
     assert history[-1] == {"role": "assistant", "metadata": "get_weather", "content": call}
 
-    # The tool's result goes back as an observation; the prompt is the whole conversation, re-encoded as written.
+    # The tool's result goes back as an observation: the prompt is the first one, the call as the model wrote it,
+    # then the observation message.
     observation = json.dumps({"weather": "晴"}, ensure_ascii=False)
     prompt = tokenizer.build_chat_input(observation, history, role="observation")["input_ids"][0].tolist()
-    assert prompt[-len(reply_ids(tokenizer, call, "get_weather")) - 1 - 9:].count(tokenizer.get_command(
-        "<|observation|>")) == 1
+    first = tokenizer.build_chat_input("北京天气", [system])["input_ids"][0].tolist()
+    assert prompt == first + reply_ids(tokenizer, call, "get_weather") + tokenizer.build_single_message(
+        "observation", "", observation) + [tokenizer.get_command("<|assistant|>")]
     response, history = model.chat(tokenizer, observation, history, role="observation",
                                    **forced(tokenizer, "北京今天晴"))
     assert response == "北京今天晴"
@@ -291,6 +313,10 @@ def test_tool_call_observation_and_channel(tokenizer, model):
                                    **forced(tokenizer, evil, metadata="get_weather", stop="<|observation|>"))
     assert not os.path.exists(PWNED)
     assert response["parameters"] is None and "not a literal" in response["error"] and response["content"] == evil
+    truncated = tool_call_text(tokenizer, {"city": "北京"})[:-5]
+    response, history = model.chat(tokenizer, "北京天气", [system],
+                                   **forced(tokenizer, truncated, metadata="get_weather", stop="<|observation|>"))
+    assert response["parameters"] is None and response["error"] and response["content"] == truncated
 
     # Without tools, a first line is another channel (ChatGLM3's code interpreter).
     response, history = model.chat(tokenizer, "算一下", [], **forced(tokenizer, "print(1)", metadata="interpreter"))
