@@ -6,7 +6,7 @@ of ChatGLM2/3 and the tiktoken ranks of GLM-4. It loads `tokenizer.json`, or con
 ("<|user|>", "sop") encode as ordinary characters, exactly as `sentencepiece.encode` / `tiktoken.encode` do; control
 tokens come only from the chat functions (`build_chat_input`, `tokenize_conversation`, `apply_chat_template`).
 
-    >>> tokenizer = AutoTokenizer.from_pretrained("THUDM/chatglm3-6b", trust_remote_code=True)
+    >>> tokenizer = AutoTokenizer.from_pretrained("path/to/chatglm3-6b", trust_remote_code=True)
     >>> tokenizer.encode("你好")
     [64790, 64792, 36474, 54591]
     >>> tokenizer.build_chat_input("你好")["input_ids"].tolist()
@@ -257,9 +257,8 @@ def convert_tokenizer_model(path):
 
 def _check_text(text, name="text"):
     """Raise TypeError naming the type unless `text` is a str, a list of str, or a list of lists of str."""
-    items = text if isinstance(text, (list, tuple)) else [text]
-    for item in items:
-        for piece in item if isinstance(item, (list, tuple)) and item is not text else [item]:
+    for item in text if isinstance(text, (list, tuple)) else [text]:
+        for piece in item if isinstance(item, (list, tuple)) else [item]:
             if not isinstance(piece, str):
                 raise TypeError(f"{name} must be a str or a list of str, got {type(piece).__name__}")
 
@@ -311,10 +310,10 @@ class ChatGLMTokenizer(PreTrainedTokenizerFast):
                 setattr(self, f"{name}_token", family[name])
         if self.chat_template is None:
             self.chat_template = chat_template(self.is_glm4)
-        self._prefix_ids = [self.backend_tokenizer.token_to_id(token) for token in family["prefix"]]
+        self._specials = {token.content: i for i, token in self.added_tokens_decoder.items() if token.special}
         self._aliases = {"<eos>": family["eos"], "<pad>": family["pad"], "<unk>": family["unk"], "<bos>": family["bos"]}
-        controls = sorted((t.content for t in self.added_tokens_decoder.values() if t.special), key=len, reverse=True)
-        controls = "|".join(map(re.escape, controls))
+        self._prefix_ids = [self._specials[token] for token in family["prefix"]]
+        controls = "|".join(map(re.escape, sorted(self._specials, key=len, reverse=True)))
         self._user_control_re = re.compile(f"{controls}|{_MARK}")
         self._template_control_re = re.compile(f"{_MARK}({controls}|{_MARK})|({controls})")
 
@@ -347,9 +346,8 @@ class ChatGLMTokenizer(PreTrainedTokenizerFast):
     def get_command(self, token):
         """The id of a control token, as the original API: `get_command("<|user|>")` -> 64795; also "<eos>",
         "<pad>", "<unk>", "<bos>" (ChatGLM3 only)."""
-        token = self._aliases.get(token, token)
-        token_id = self.backend_tokenizer.token_to_id(token) if token is not None else None
-        if token_id is None or token not in {t.content for t in self.added_tokens_decoder.values()}:
+        token_id = self._specials.get(self._aliases.get(token, token))
+        if token_id is None:
             raise KeyError(f"{token!r} is not a control token of this tokenizer")
         return token_id
 
@@ -523,7 +521,7 @@ class ChatGLMTokenizer(PreTrainedTokenizerFast):
                 pieces.append(match.group(1))
             else:
                 chunks.append("".join(pieces))
-                controls.append(self.backend_tokenizer.token_to_id(match.group(2)))
+                controls.append(self._specials[match.group(2)])
                 pieces = []
             position = match.end()
         chunks.append("".join(pieces) + text[position:])
@@ -565,16 +563,18 @@ class StreamDecoder:
 
     def __init__(self, tokenizer, skip_special_tokens=True):
         self.tokenizer = tokenizer
-        self.skip_ids = {i for i, t in tokenizer.added_tokens_decoder.items() if t.special} if skip_special_tokens else set()
+        added = tokenizer.added_tokens_decoder
+        self._added_ids = set(added)
+        self._skip_ids = {i for i, token in added.items() if token.special} if skip_special_tokens else set()
         self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
         self._byte_of = {char: byte for byte, char in _bytes_to_unicode().items()} if tokenizer.is_glm4 else None
         self._strip_space = not tokenizer.is_glm4  # decode drops the dummy prefix's leading space once
 
     def _bytes(self, token_id):
-        token = None if token_id in self.skip_ids else self.tokenizer.convert_ids_to_tokens(token_id)
-        if token is None:
+        token = None if token_id in self._skip_ids else self.tokenizer.convert_ids_to_tokens(token_id)
+        if token is None:  # skipped, or an id past the vocabulary (the model's padded rows)
             return b""
-        if token_id in self.tokenizer.added_tokens_decoder:
+        if token_id in self._added_ids:
             return token.encode()
         if self._byte_of is not None:
             return bytes(self._byte_of[char] for char in token)
