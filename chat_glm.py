@@ -21,6 +21,7 @@ from typing import Optional
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation.streamers import BaseStreamer
 
 # The four matrices of every GLMBlock that quantize() converts; embeddings and the output layer stay as they are.
@@ -139,7 +140,7 @@ class ChatCache:
     `copy.deepcopy` it first to branch a conversation.
     """
 
-    cache: object
+    cache: Cache
     token_ids: torch.LongTensor
 
 
@@ -280,8 +281,6 @@ class ChatMixin:
         kwargs = self._chat_generate_kwargs(tokenizer, max_length, do_sample, top_p, temperature, generate_kwargs)
         cache = past_key_values.cache if past_key_values is not None else None
         if cache is None and return_past_key_values:
-            from transformers.cache_utils import DynamicCache
-
             cache = DynamicCache()
         if cache is not None:
             kwargs[CACHE_FIELD] = cache
@@ -304,11 +303,13 @@ class ChatMixin:
         thread = threading.Thread(target=run, daemon=True)
         thread.start()
         decoder = _ReplyDecoder(tokenizer)
+        shown = None
         try:
             while (ids := streamer.queue.get()) is not None:
                 decoder.feed(ids)
-                if decoder.metadata_done:
-                    response, partial = _process(decoder.messages, history, parse_tools=False)
+                if decoder.metadata_done and decoder.messages != shown:  # new text to show
+                    shown = list(decoder.messages)
+                    response, partial = _process(shown, history, parse_tools=False)
                     yield (response, partial, None) if return_past_key_values else (response, partial)
             thread.join()
             if "error" in result:
