@@ -29,13 +29,13 @@ CHECKPOINT_MARKER = "checkpoint_complete.json"
 TRAINER_STATE = "trainer_state.json"
 LORA_TARGETS = ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
 # The built-in run's recipe (no data flags): tuned to reach >= 90% held-out accuracy on 2 CPU cores in minutes.
-BUILTIN_RECIPE = dict(config_name="tiny", learning_rate=3e-3, per_device_train_batch_size=32, max_train_steps=700,
-                      num_warmup_steps=50, block_size=256, eval_steps=100, weight_decay=0.0, logging_steps=10,
-                      tokenizer_vocab_size=800)
+BUILTIN_RECIPE = dict(config_name="tiny", learning_rate=3e-3, per_device_train_batch_size=64, max_train_steps=1200,
+                      num_warmup_steps=100, block_size=256, eval_steps=300, weight_decay=0.0, logging_steps=10,
+                      tokenizer_vocab_size=800, max_eval_samples=256)
 # Where nothing else is given (run_clm's values where it has one).
 GENERAL_DEFAULTS = dict(config_name=None, learning_rate=5e-5, per_device_train_batch_size=8, max_train_steps=None,
                         num_warmup_steps=0, block_size=None, eval_steps=500, weight_decay=0.0, logging_steps=10,
-                        tokenizer_vocab_size=32000)
+                        tokenizer_vocab_size=32000, max_eval_samples=None)
 
 
 def parse_args(argv=None):
@@ -69,7 +69,8 @@ def parse_args(argv=None):
     data.add_argument("--streaming", action="store_true", help="Stream the dataset instead of loading it; the "
                       "stream is sharded across processes. Needs --max_train_steps.")
     data.add_argument("--max_train_samples", type=int, help="Use only this many training rows (debugging).")
-    data.add_argument("--max_eval_samples", type=int, help="Use only this many validation rows (or blocks).")
+    data.add_argument("--max_eval_samples", type=int, help="Use only this many validation rows (or blocks); "
+                      "default 256 built-in, else all.")
     data.add_argument("--preprocessing_num_workers", type=int, help="Processes for datasets.map tokenization.")
     data.add_argument("--dataloader_num_workers", type=int, default=0, help="DataLoader worker processes.")
     data.add_argument("--builtin_train_examples", type=int, default=20000, help="Size of the generated training "
@@ -78,7 +79,7 @@ def parse_args(argv=None):
                       "(disjoint from training) used for the exact-match accuracy.")
     optim = parser.add_argument_group("optimization")
     optim.add_argument("--per_device_train_batch_size", type=int, help="Rows per device per micro-step "
-                       "(default 32 built-in, else 8).")
+                       "(default 64 built-in, else 8).")
     optim.add_argument("--per_device_eval_batch_size", type=int, default=32, help="Rows per device for evaluation.")
     optim.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Micro-steps per optimizer step.")
     optim.add_argument("--learning_rate", type=float, help="Peak AdamW learning rate (default 3e-3 built-in, else "
@@ -118,7 +119,7 @@ def parse_args(argv=None):
     out.add_argument("--report_to", default="none", choices=["none", "tensorboard", "wandb", "all"],
                      help="Trackers through accelerate.")
     out.add_argument("--peak_tflops", type=float, help="Peak TFLOP/s of one device for MFU (default: known GPUs' "
-                     "bf16 peak; CPU: cores x 32 fp32 FLOP/cycle x 2.5 GHz, an estimate).")
+                     "bf16 peak; CPU: threads x 32 (64 with AVX-512) fp32 FLOP/cycle x 2.5 GHz, an estimate).")
     out.add_argument("--max_shard_size", default="5GB", help="Largest safetensors shard of the saved weights.")
     out.add_argument("--push_to_hub", action="store_true", help="Upload the output folder with huggingface_hub.")
     out.add_argument("--hub_model_id", help="Repository to push to (default: the output folder's name).")
@@ -287,7 +288,8 @@ def prepare_data(args, accelerator, tokenizer_holder):
     kwargs = dict(num_proc=args.preprocessing_num_workers, streaming=args.streaming)
     with accelerator.main_process_first():
         if mode == "pretrain":
-            docs = raw.map(lambda batch: tokenizer(batch[args.text_column], add_special_tokens=False),
+            docs = raw.map(lambda batch: {"input_ids": tokenizer(batch[args.text_column],
+                                                                 add_special_tokens=False)["input_ids"]},
                            batched=True, remove_columns=columns,
                            **({} if args.streaming else {"num_proc": args.preprocessing_num_workers}))
             docs = data_glm.carve_validation(docs, args.validation_split_percentage, args.seed)
@@ -326,7 +328,7 @@ def pack_docs(docs, tokenizer, block_size, args):
 
     extra = {} if args.streaming else {"num_proc": args.preprocessing_num_workers,
                                        "desc": f"packing into blocks of {block_size}"}
-    return docs.map(pack, batched=True, batch_size=1000, remove_columns=list(docs.column_names or ["input_ids"]),
+    return docs.map(pack, batched=True, batch_size=1000, remove_columns=["input_ids"],
                     **extra)
 
 
@@ -489,7 +491,9 @@ def peak_flops(args, accelerator):
             if key in name:
                 return tflops * 1e12
         return 312e12
-    return torch.get_num_threads() * 32 * 2.5e9
+    # An estimate: fp32 FMA lanes per cycle (AVX-512: 2 units x 16 lanes x 2 FLOPs; AVX2: half) at 2.5 GHz.
+    wide = "avx512f" in Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else False
+    return torch.get_num_threads() * (64 if wide else 32) * 2.5e9
 
 
 def matmul_params(model) -> int:
@@ -816,7 +820,7 @@ def push_to_hub(output_dir: Path, repo_id: str, token=None, private=False, api=N
 # The built-in run's check: greedy replies from the saved folder, and a chat through AutoModel.
 
 def heldout_prompts(tokenizer, heldout):
-    """(prompt ids, expected reply ids including the stop token) for each held-out conversation."""
+    """(prompt ids, expected reply ids without the stop token) for each held-out conversation."""
     pairs = []
     for row in heldout:
         encoded = tokenizer.tokenize_conversation(row["conversations"])
@@ -825,7 +829,9 @@ def heldout_prompts(tokenizer, heldout):
         end = start
         while end < len(labels) and labels[end] != -100:
             end += 1
-        pairs.append((ids[:start], ids[start:end]))
+        # The label after a reply is the stop token; a held-out conversation ends at the reply, so it is </s> even
+        # where the model rightly stops a tool call with <|observation|>: any stop token counts.
+        pairs.append((ids[:start], ids[start:end - 1]))
     return pairs
 
 
@@ -862,7 +868,9 @@ def report_skills(output_dir: Path, heldout) -> float:
     tokenizer = AutoTokenizer.from_pretrained(output_dir, trust_remote_code=True)
     model = AutoModelForCausalLM.from_pretrained(output_dir, trust_remote_code=True).eval()
     pairs = heldout_prompts(tokenizer, heldout)
-    replies = generate_replies(model, tokenizer, [p for p, _ in pairs], max(len(e) for _, e in pairs) + 2)
+    replies = generate_replies(model, tokenizer, [p for p, _ in pairs], max(len(e) for _, e in pairs) + 3)
+    stop = set(tokenizer.stop_token_ids)
+    replies = [reply[:-1] if reply and reply[-1] in stop else reply + [None] for reply in replies]  # unstopped: wrong
     by_kind = {}
     for row, (_, expected), reply in zip(heldout, pairs, replies):
         by_kind.setdefault(row["kind"], []).append(reply == expected)
@@ -870,7 +878,7 @@ def report_skills(output_dir: Path, heldout) -> float:
     accuracy = correct / len(heldout)
     details = ", ".join(f"{kind} {sum(v)}/{len(v)}" for kind, v in sorted(by_kind.items()))
     print(f"held-out exact match: {accuracy:.1%} ({details})")
-    misses = [(row, tokenizer.decode(reply)) for row, (_, e), reply in zip(heldout, pairs, replies) if reply != e]
+    misses = [(row, tokenizer.decode([t for t in reply if t is not None])) for row, (_, e), reply in zip(heldout, pairs, replies) if reply != e]
     for row, text in misses[:3]:
         print(f"  miss: {row['conversations'][-2]['content']!r} -> {text!r} "
               f"(expected {row['conversations'][-1]['content']!r})")
