@@ -573,7 +573,7 @@ def main(argv=None):
     n_trainable = sum(p.numel() for _, p in trainable)
     say(f"mode {mode}: {'streamed' if args.streaming else len(train)} training examples, "
         f"{n_params / 1e6:.2f}M parameters ({n_trainable / 1e6:.3f}M trainable), {accelerator.num_processes} "
-        f"process(es), mixed precision {accelerator.mixed_precision}")
+        f"process(es) ({accelerator.distributed_type.value}), mixed precision {accelerator.mixed_precision}")
 
     decay = [p for n, p in trainable if p.ndim >= 2]
     no_decay = [p for n, p in trainable if p.ndim < 2]
