@@ -557,8 +557,8 @@ class StreamDecoder:
     character is complete. The pieces pushed so far join to `tokenizer.decode(ids, skip_special_tokens=...)`.
 
         >>> stream = StreamDecoder(tokenizer)
-        >>> [stream.push(i) for i in tokenizer.encode("😀", add_special_tokens=False)]
-        ['', '', '', '', '😀']
+        >>> [stream.push(i) for i in tokenizer.encode("𠀋", add_special_tokens=False)]  # "▁" + 4 byte pieces
+        ['', '', '', '', '𠀋']
     """
 
     def __init__(self, tokenizer, skip_special_tokens=True):
