@@ -339,10 +339,15 @@ class ChatMixin:
         Example:
             >>> model = AutoModel.from_pretrained(path, trust_remote_code=True, dtype=torch.bfloat16).quantize(4)
         """
-        from torchao.quantization import Int8WeightOnlyConfig, quantize_
-
         if bits not in (4, 8):
             raise ValueError(f"quantize() takes 4 or 8 bits, got {bits!r}")
+        # In try: transformers' remote-code import check skips it, so loading a model does not require torchao.
+        try:
+            from torchao.prototype.quantization.int4.inference_workflow import PrototypeInt4WeightOnlyConfig
+            from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+        except ImportError as error:
+            raise ImportError("model.quantize() needs torchao: pip install torchao") from error
+
         # Block matrices grouped by the config they take (int4's group size depends on the input width).
         groups = {}
         for name, module in self.named_modules():
@@ -351,7 +356,13 @@ class ChatMixin:
                 key = 8 if bits == 8 else _int4_group_size(module.in_features)
                 groups.setdefault(key, set()).add(name)
         for key, names in groups.items():
-            config = Int8WeightOnlyConfig() if bits == 8 else _int4_config(key, self.device)
+            if bits == 8:
+                config = Int8WeightOnlyConfig()
+            elif self.device.type == "cuda":
+                config = Int4WeightOnlyConfig(group_size=key, int4_packing_format="tile_packed_to_4d")
+            else:
+                # torchao 0.18's Int4WeightOnlyConfig has no CPU format; this one runs aten's CPU int4 kernel.
+                config = PrototypeInt4WeightOnlyConfig(group_size=key)
             quantize_(self, config, filter_fn=lambda module, fqn: fqn in names)
         self.config.quantization_bit = bits
         return self
@@ -363,15 +374,3 @@ def _int4_group_size(in_features: int) -> int:
         if in_features % size == 0:
             return size
     raise ValueError(f"int4 quantization needs input widths divisible by 32, got {in_features}")
-
-
-def _int4_config(group_size: int, device: torch.device):
-    """torchao's int4 weight-only config for the device the weights are on."""
-    if device.type == "cuda":
-        from torchao.quantization import Int4WeightOnlyConfig
-
-        return Int4WeightOnlyConfig(group_size=group_size, int4_packing_format="tile_packed_to_4d")
-    # On CPU, torchao reaches its int4 kernel (aten._weight_int4pack_mm_for_cpu) through this prototype config.
-    from torchao.prototype.quantization.int4.inference_workflow import PrototypeInt4WeightOnlyConfig
-
-    return PrototypeInt4WeightOnlyConfig(group_size=group_size)

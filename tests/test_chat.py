@@ -393,7 +393,7 @@ TRAINED_CONVERSATIONS = [
 def chat_folder(tmp_path_factory):
     """A tiny model trained until greedy decoding replays TRAINED_CONVERSATIONS, saved with its tokenizer and code
     as a Hub-style folder."""
-    corpus = CORPUS + [json.dumps(SMALL_TOOLS, indent=4), TOOL_CALL]
+    corpus = CORPUS + [json.dumps(SMALL_TOOLS, indent=4), TOOL_CALL, '{"weather": "晴"}', "北京今天晴"]
     tokenizer = glm.tokenization.train_glm_tokenizer(corpus * 20, vocab_size=400)
     rows = [tokenizer.tokenize_conversation(conversation) for conversation in TRAINED_CONVERSATIONS]
     torch.manual_seed(0)
@@ -485,3 +485,11 @@ def test_chat_script_history_and_clear(chat_folder):
     assert len(replies) == 3
     # After clear the conversation starts over: the same greedy reply as the first turn.
     assert replies[0] == replies[2] == "你好" + RARE
+
+
+def test_remote_code_needs_only_torch_and_transformers():
+    # transformers refuses to load remote code whose imports are missing; torchao is imported only by quantize().
+    from transformers.dynamic_module_utils import get_imports
+
+    third_party = set(get_imports(ROOT / "chat_glm.py")) - set(sys.stdlib_module_names)
+    assert third_party == {"torch", "transformers"}
