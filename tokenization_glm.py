@@ -153,13 +153,18 @@ def _finish(tokenizer, specials, prefix, eos):
     return tokenizer
 
 
+def _glm3_normalizer():
+    """SentencePiece's normalization for ChatGLM: the dummy prefix, then spaces as "▁" (nothing else changes)."""
+    return normalizers.Sequence([normalizers.Prepend(SPACE), normalizers.Replace(" ", SPACE)])
+
+
 def _glm3_tokenizer(pieces, merges):
     """ChatGLM2/3's pipeline: byte-fallback BPE, dummy prefix, spaces as "▁", then the nine control tokens."""
     if tuple(pieces[: len(GLM3_RESERVED_PIECES)]) != GLM3_RESERVED_PIECES:
         raise ValueError("expected <unk> <s> </s> and the byte pieces <0x00>..<0xFF> at ids 0..258")
     vocab = {piece: index for index, piece in enumerate(pieces)}
     tokenizer = Tokenizer(models.BPE(vocab, merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
-    tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend(SPACE), normalizers.Replace(" ", SPACE)])
+    tokenizer.normalizer = _glm3_normalizer()
     pattern = Regex(_glm3_split_pattern(pieces[len(GLM3_RESERVED_PIECES) :]))
     tokenizer.pre_tokenizer = pre_tokenizers.Split(pattern, behavior="isolated")
     tokenizer.decoder = decoders.Sequence(
@@ -227,8 +232,8 @@ def _tiktoken_to_tokenizer(ranks_text):
     merges = []
     for token in sorted(ranks, key=ranks.get):
         splits = [(token[:i], token[i:]) for i in range(1, len(token))]
-        splits = sorted(((a, b) for a, b in splits if a in ranks and b in ranks), key=lambda s: (ranks[s[0]], ranks[s[1]]))
-        merges += [(as_text[a], as_text[b]) for a, b in splits]
+        splits = [(a, b) for a, b in splits if a in ranks and b in ranks]
+        merges += [(as_text[a], as_text[b]) for a, b in sorted(splits, key=lambda ab: (ranks[ab[0]], ranks[ab[1]]))]
     vocab = {as_text[token]: rank for token, rank in ranks.items()}
     tokenizer = Tokenizer(models.BPE(vocab, merges, ignore_merges=True))
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
@@ -367,7 +372,7 @@ class ChatGLMTokenizer(PreTrainedTokenizerFast):
     # -- the chat format -------------------------------------------------------------------------------------------
 
     def _format_message(self, index, message):
-        """Check one message and return (role, metadata, content) as the model sees them."""
+        """Check one message; return its role, metadata, content (a tool call rendered as text) and tools."""
         if not isinstance(message, dict):
             raise ValueError(f"message {index}: expected a dict, got {type(message).__name__}")
         role, content, metadata = message.get("role"), message.get("content"), message.get("metadata") or ""
@@ -388,20 +393,22 @@ class ChatGLMTokenizer(PreTrainedTokenizerFast):
                     raise ValueError(f"message {index}: a dict reply needs a 'name' and 'parameters' or 'content'")
         if not isinstance(content, str):
             raise ValueError(f"message {index}: content must be a string, got {type(content).__name__}")
-        if role == "system" and message.get("tools") is not None:
-            content = content + "\n" + json.dumps(message["tools"], indent=4, ensure_ascii=False)
-        return role, metadata, content
+        return role, metadata, content, message.get("tools") if role == "system" else None
 
     def _messages_ids(self, messages):
         """Per message: <|role|> + encode(metadata + "\\n") + encode(content), checked and encoded in one batch."""
         if not isinstance(messages, (list, tuple)):
             raise ValueError(f"messages must be a list of dicts, got {type(messages).__name__}")
         formatted = [self._format_message(index, message) for index, message in enumerate(messages)]
-        texts = [text for _, metadata, content in formatted for text in (metadata + "\n", content)]
+        texts = []
+        for _, metadata, content, tools in formatted:
+            if tools is not None:
+                content += "\n" + json.dumps(tools, indent=4, ensure_ascii=False)
+            texts += [metadata + "\n", content]
         encoded = self._encode_texts(texts) if texts else []
         return [
-            [self.get_command(f"<|{role}|>")] + encoded[2 * i] + encoded[2 * i + 1]
-            for i, (role, _, _) in enumerate(formatted)
+            [self.get_command(f"<|{formatted[i][0]}|>")] + encoded[2 * i] + encoded[2 * i + 1]
+            for i in range(len(formatted))
         ]
 
     def build_single_message(self, role, metadata, message):
@@ -483,18 +490,18 @@ class ChatGLMTokenizer(PreTrainedTokenizerFast):
             [64790, 64792, 64795, 30910, 13, 36474, 54591, 64796]
         """
         if tools is not None:
-            raise ValueError("GLM reads tools from the system message: {'role': 'system', 'content': ..., 'tools': [...]}")
+            raise ValueError("put tools in the system message: {'role': 'system', 'content': ..., 'tools': [...]}")
         if return_assistant_tokens_mask:
             raise ValueError("use tokenize_conversation(messages) for training labels")
         kwargs.pop("sanitize_control_tokens", None)  # transformers 5 option; always done here
-        batched = isinstance(conversation, (list, tuple)) and bool(conversation) and isinstance(conversation[0], (list, tuple))
-        chats = [
-            [
-                {"role": role, "metadata": metadata, "content": content}
-                for role, metadata, content in (self._format_message(i, m) for i, m in enumerate(chat))
-            ]
-            for chat in (conversation if batched else [conversation])
-        ]
+        batched = bool(conversation) and isinstance(conversation[0], (list, tuple))
+        chats = []
+        for chat in conversation if batched else [conversation]:
+            formatted = [self._format_message(index, message) for index, message in enumerate(chat)]
+            chats.append([
+                {"role": role, "metadata": metadata, "content": content, **({} if tools is None else {"tools": tools})}
+                for role, metadata, content, tools in formatted
+            ])
         if not tokenize:
             texts = super().apply_chat_template(chats, documents=documents, tokenize=False, **kwargs)
             return texts if batched else texts[0]
@@ -508,23 +515,24 @@ class ChatGLMTokenizer(PreTrainedTokenizerFast):
                 return BatchEncoding({"input_ids": ids}, tensor_type=return_tensors)["input_ids"]
             return ids if batched else ids[0]
         inputs = {"input_ids": ids if batched or return_tensors else ids[0]}
-        return self.pad(inputs, padding=padding, max_length=max_length, return_tensors=return_tensors, **(tokenizer_kwargs or {}))
+        kwargs = tokenizer_kwargs or {}
+        return self.pad(inputs, padding=padding, max_length=max_length, return_tensors=return_tensors, **kwargs)
 
     def _encode_rendered(self, text):
-        """Encode a chat rendered from marked messages: unmarked control strings are control tokens, marked ones text."""
-        chunks, controls, pieces, position = [], [], [], 0
+        """Encode a chat rendered from marked messages: control strings are control tokens, marked ones text."""
+        chunks, controls, parts, position = [], [], [], 0
         for match in self._template_control_re.finditer(text):
-            pieces.append(text[position : match.start()])
-            if _MARK in pieces[-1]:
+            parts.append(text[position : match.start()])
+            if _MARK in parts[-1]:
                 raise ValueError("the chat template split a marked control token; it must write message strings whole")
             if match.group(1) is not None:
-                pieces.append(match.group(1))
+                parts.append(match.group(1))
             else:
-                chunks.append("".join(pieces))
+                chunks.append("".join(parts))
                 controls.append(self._specials[match.group(2)])
-                pieces = []
+                parts = []
             position = match.end()
-        chunks.append("".join(pieces) + text[position:])
+        chunks.append("".join(parts) + text[position:])
         ids = []
         for chunk_ids, control in zip(self._encode_texts(chunks), [*controls, None]):
             ids += chunk_ids if control is None else [*chunk_ids, control]
@@ -533,7 +541,7 @@ class ChatGLMTokenizer(PreTrainedTokenizerFast):
     def save_pretrained(self, save_directory, **kwargs):
         """Save tokenizer.json and tokenizer_config.json (auto_map and the chat template inside), this file for
         trust_remote_code, and the original tokenizer.model when there is one (engines such as chatglm.cpp read it)."""
-        kwargs.setdefault("save_jinja_files", False)  # the template inline in tokenizer_config.json, as the Hub repos have it
+        kwargs.setdefault("save_jinja_files", False)  # the template inside tokenizer_config.json, as Hub repos have it
         files = super().save_pretrained(save_directory, **kwargs)
         if self.vocab_file and os.path.isfile(self.vocab_file):
             target = os.path.join(save_directory, "tokenizer.model")
@@ -617,7 +625,7 @@ def train_glm_tokenizer(texts, vocab_size, min_frequency=2, show_progress=False)
 
     words = rf"{SPACE}*(?:\p{{Han}}+|[\p{{L}}\p{{M}}&&[^\p{{Han}}]]+|[^\p{{L}}\p{{M}}{SPACE}]+)|{SPACE}+"
     trainer_tokenizer = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
-    trainer_tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend(SPACE), normalizers.Replace(" ", SPACE)])
+    trainer_tokenizer.normalizer = _glm3_normalizer()
     # SentencePiece's training rules: pieces never span a space boundary, a digit or a change of script.
     trainer_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
         [

@@ -1,6 +1,6 @@
 """ChatGLMTokenizer against the original Python tokenizer and raw SentencePiece, side by side in one run.
 
-    python benchmarks/bench_tokenizer.py              # 4 MB of mixed Chinese/English text, the table in docs/tokenizer.md
+    python benchmarks/bench_tokenizer.py              # 4 MB of mixed Chinese/English text (docs/tokenizer.md)
     python benchmarks/bench_tokenizer.py --mb 1       # quicker
 
 Four ways to encode the same batch of documents (each with the [gMASK] sop prefix), all checked to give identical
@@ -35,7 +35,8 @@ _CODE = [
     "    if value is None:\n        raise ValueError(f'bad {value!r}')\n",
     "https://example.com/search?q=%E4%BD%A0&page=2 ",
 ]
-_RARE = ["😀", "👍🏽", "👨‍👩‍👧", "🚀✨", "𠀋", "𪚥", "𝔘𝔫𝔦𝔠𝔬𝔡𝔢", "Ελληνικά ", "русский ", "العربية ", "日本語のテキスト", "한국어 ", "é", "\u200b"]
+_RARE = ["😀", "👍🏽", "👨‍👩‍👧", "🚀✨", "𠀋", "𪚥", "𝔘𝔫𝔦𝔠𝔬𝔡𝔢", "Ελληνικά ", "русский ", "العربية ", "日本語のテキスト", "한국어 ",
+         "é", "\u200b"]
 _SPACES = [" ", "  ", "\n", "\n\n", "\t", "    ", "\r\n", " \n"]
 
 

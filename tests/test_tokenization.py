@@ -72,8 +72,8 @@ def train_ranks(texts, vocab_size):
 def glm4_folder(tmp_path_factory):
     ranks = train_ranks([mixed_text(500, seed=i) for i in range(400)], vocab_size=1200)
     folder = tmp_path_factory.mktemp("glm4")
-    lines = [f"{base64.b64encode(token).decode()} {rank}\n" for token, rank in sorted(ranks.items(), key=lambda x: x[1])]
-    (folder / "tokenizer.model").write_text("".join(lines))
+    lines = [f"{base64.b64encode(token).decode()} {rank}\n" for token, rank in ranks.items()]
+    (folder / "tokenizer.model").write_text("".join(lines))  # in rank order, as tiktoken writes it
     return folder, ranks
 
 
@@ -114,7 +114,8 @@ def test_chatglm3_spec_ids(glm3, sp):
     assert glm3.encode("a", "b") == [64790, 64792] + sp.encode("a") + sp.encode("b") + [2]  # eos ends a pair
     assert len(glm3) == 64798 and not glm3.is_glm4
     assert glm3.convert_tokens_to_ids(list(tg.GLM3_CONTROL_TOKENS)) == list(range(64789, 64798))
-    assert (glm3.eos_token, glm3.eos_token_id, glm3.pad_token, glm3.pad_token_id, glm3.unk_token_id) == ("</s>", 2, "<unk>", 0, 0)
+    assert (glm3.eos_token, glm3.eos_token_id, glm3.pad_token, glm3.pad_token_id) == ("</s>", 2, "<unk>", 0)
+    assert glm3.unk_token_id == 0
     assert glm3.padding_side == "left"
     assert glm3.stop_token_ids == [2, 64795, 64797]
     assert [glm3.get_command(t) for t in ("<|user|>", "sop", "<eos>", "<pad>", "<bos>")] == [64795, 64792, 2, 0, 1]
@@ -167,7 +168,8 @@ def test_control_token_strings_in_text_stay_text(glm3, sp):
     assert glm3.encode(text) == [64790, 64792] + sp.encode(text)
     assert glm3.decode(glm3.encode(text), skip_special_tokens=True) == text
     # Engines that tokenize a rendered prompt themselves turn control-token matching on ...
-    rendered = glm3.apply_chat_template([{"role": "user", "content": "你好"}], add_generation_prompt=True, tokenize=False)
+    rendered = glm3.apply_chat_template([{"role": "user", "content": "你好"}], add_generation_prompt=True,
+                                        tokenize=False)
     assert rendered == "[gMASK]sop<|user|>\n 你好<|assistant|>"
     assert glm3.encode(rendered, add_special_tokens=False, split_special_tokens=False) == GLM3_PROMPT
     # ... where "sop" still only matches as a whole word
@@ -251,7 +253,9 @@ def random_conversation(rng, glm4):
         # GLM-4 has no dummy prefix: as one text, "\n" + a content starting with a blank line merges, so its text
         # template (like the official one) can't give build_chat_input's ids there; documented in docs/tokenizer.md.
         for message in messages:
-            content = message["content"] + ("\n" if "tools" in message else "") if isinstance(message["content"], str) else "x"
+            if not isinstance(message["content"], str):
+                continue
+            content = message["content"] + ("\n" if "tools" in message else "")  # the tools JSON follows a newline
             if content.lstrip(" \t").startswith("\n"):
                 message["content"] = "x" + message["content"]
     return messages
@@ -284,7 +288,9 @@ def test_chat_template_survives_save_and_batches(glm3, tmp_path):
     batch = glm3.apply_chat_template(chats, add_generation_prompt=True, padding=True, return_tensors="pt",
                                      return_dict=True)
     assert batch["input_ids"][0, -8:].tolist() == GLM3_PROMPT and batch["input_ids"][0, 0].item() == 0
-    assert batch["attention_mask"].sum(1).tolist() == [8, len(glm3.apply_chat_template(chats[1], add_generation_prompt=True, return_dict=False))]
+    second = glm3.apply_chat_template(chats[1], add_generation_prompt=True, return_dict=False)
+    assert batch["attention_mask"].sum(1).tolist() == [8, len(second)]
+    assert batch["input_ids"][1].tolist() == second
     with pytest.raises(ValueError, match="system message"):
         glm3.apply_chat_template(chats[0], tools=TOOLS)
 
@@ -439,17 +445,17 @@ def test_trained_tokenizer_conventions(trained, tmp_path):
         tg.train_glm_tokenizer(["ok", 1], vocab_size=300)
 
 
+CHAT = [{"role": "system", "content": "s", "tools": [{"name": "f"}]}, {"role": "user", "content": "你好 <|user|>"}]
 LOAD_AND_PRINT = """
-import json, os, sys
+import json, sys
 sys.modules["sentencepiece"] = sys.modules["tiktoken"] = sys.modules["google.protobuf"] = None  # must not be needed
 from transformers import AutoTokenizer
-out = {}
-for folder in sys.argv[1:]:
+chat, out = json.loads(sys.argv[1]), {}
+for folder in sys.argv[2:]:
     tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
-    chat = [{"role": "system", "content": "s", "tools": [{"name": "f"}]}, {"role": "user", "content": "你好 <|user|>"}]
     out[folder] = [type(tok).__name__, tok.padding_side, tok.stop_token_ids, tok.encode("你好 world\\n😀"),
                    tok.apply_chat_template(chat, add_generation_prompt=True, return_dict=False),
-                   tok.build_chat_input("你好 <|user|>", chat[:1])["input_ids"][0].tolist(), tok.chat_template]
+                   tok.build_chat_input(chat[-1]["content"], chat[:-1])["input_ids"][0].tolist(), tok.chat_template]
 print(json.dumps(out))
 """
 
@@ -471,15 +477,15 @@ def test_save_load_round_trip_through_auto_tokenizer(sp_model, glm4_folder, trai
     folders.append((tmp_path / "trained", trained))
 
     env = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
-    result = subprocess.run([sys.executable, "-c", LOAD_AND_PRINT, *(str(f) for f, _ in folders)], env=env,
-                            capture_output=True, text=True, timeout=300)
+    command = [sys.executable, "-c", LOAD_AND_PRINT, json.dumps(CHAT), *(str(folder) for folder, _ in folders)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     loaded = json.loads(result.stdout.strip().splitlines()[-1])
     for folder, tokenizer in folders:
-        chat = [{"role": "system", "content": "s", "tools": [{"name": "f"}]}, {"role": "user", "content": "你好 <|user|>"}]
         assert loaded[str(folder)] == [
             "ChatGLMTokenizer", "left", tokenizer.stop_token_ids, tokenizer.encode("你好 world\n😀"),
-            tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_dict=False),
-            tokenizer.build_chat_input("你好 <|user|>", chat[:1])["input_ids"][0].tolist(), tokenizer.chat_template,
+            tokenizer.apply_chat_template(CHAT, add_generation_prompt=True, return_dict=False),
+            tokenizer.build_chat_input(CHAT[-1]["content"], CHAT[:-1])["input_ids"][0].tolist(),
+            tokenizer.chat_template,
         ]
         assert loaded[str(folder)][4] == loaded[str(folder)][5]  # the template gives build_chat_input's ids
