@@ -37,6 +37,31 @@ def _cache_of(outputs):
     return getattr(outputs, CACHE_FIELD)
 
 
+class _RMSNormFunction(torch.autograd.Function):
+    """RMSNorm whose backward keeps only the input and 1/rms: autograd's version also keeps the normalised copy."""
+
+    @staticmethod
+    def forward(ctx, hidden_states, weight, eps):
+        input_dtype = hidden_states.dtype
+        hidden = hidden_states.float()
+        rstd = torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + eps)
+        ctx.save_for_backward(hidden_states, weight, rstd)
+        return weight * (hidden * rstd).to(input_dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        hidden_states, weight, rstd = ctx.saved_tensors
+        hidden = hidden_states.float()
+        normed = hidden * rstd
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            grad_weight = (grad_output * normed.to(hidden_states.dtype)).flatten(0, -2).sum(0).to(weight.dtype)
+        grad_normed = (grad_output * weight).float()
+        # d/dx of x * rstd: rstd * (g - x * rstd^2 * mean(g * x))
+        grad_input = (grad_normed - normed * (grad_normed * normed).mean(-1, keepdim=True)) * rstd
+        return grad_input.to(hidden_states.dtype), grad_weight, None
+
+
 class RMSNorm(nn.Module):
     """x * rsqrt(mean(x^2) + eps) computed in fp32, times the weight, in the input dtype."""
 
@@ -46,11 +71,12 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and (hidden_states.requires_grad or self.weight.requires_grad):
+            return _RMSNormFunction.apply(hidden_states, self.weight, self.eps)
         input_dtype = hidden_states.dtype
-        hidden_states = hidden_states.to(torch.float32)
-        variance = hidden_states.pow(2).mean(-1, keepdim=True)
-        hidden_states = hidden_states * torch.rsqrt(variance + self.eps)
-        return self.weight * hidden_states.to(input_dtype)
+        hidden = hidden_states.float()
+        hidden = hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * hidden.to(input_dtype)
 
 
 def _norm(config: ChatGLMConfig, hidden_size: int) -> nn.Module:
@@ -75,18 +101,46 @@ class RotaryEmbedding(nn.Module):
         exponent = torch.arange(0, self.rotary_dim, 2, dtype=torch.float32, device=position_ids.device)
         inv_freq = 1.0 / (self.base ** (exponent / self.rotary_dim))
         freqs = position_ids[..., None].to(torch.float32) * inv_freq  # [batch, seq, rotary_dim / 2]
-        # One head axis to broadcast over: [batch, 1, seq, rotary_dim / 2].
-        return freqs.cos().to(dtype)[:, None], freqs.sin().to(dtype)[:, None]
+        # One head axis to broadcast over, in the [batch, seq, heads, head_dim] layout of the projections.
+        return freqs.cos().to(dtype)[:, :, None], freqs.sin().to(dtype)[:, :, None]
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [..., head_dim] with pairs (2i, 2i+1) of the first 2 * cos.shape[-1] dims rotated, into a new contiguous
+    tensor: five elementwise kernels, no temporaries (an autograd-traced version takes ~20 and keeps slices)."""
+    rotary_dim = cos.shape[-1] * 2
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    pairs = x[..., :rotary_dim].unflatten(-1, (-1, 2))
+    out_pairs = out[..., :rotary_dim].unflatten(-1, (-1, 2))
+    x0, x1, out0, out1 = pairs[..., 0], pairs[..., 1], out_pairs[..., 0], out_pairs[..., 1]
+    torch.mul(x0, cos, out=out0)
+    out0.addcmul_(x1, sin, value=-1)
+    torch.mul(x1, cos, out=out1)
+    out1.addcmul_(x0, sin)
+    out[..., rotary_dim:] = x[..., rotary_dim:]
+    return out
+
+
+class _RotaryFunction(torch.autograd.Function):
+    """RoPE as one autograd node: the backward is the inverse rotation, so no activation is kept."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return _rotate(x, cos, sin)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        cos, sin = ctx.saved_tensors
+        return _rotate(grad_output, cos, -sin), None, None
 
 
 def apply_rotary_pos_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent pairs (2i, 2i+1) of the first 2 * cos.shape[-1] dims of x [batch, heads, seq, head_dim]."""
-    rotary_dim = cos.shape[-1] * 2
-    x_rot, x_pass = x[..., :rotary_dim], x[..., rotary_dim:]
-    x_rot = x_rot.unflatten(-1, (-1, 2))
-    x0, x1 = x_rot[..., 0], x_rot[..., 1]
-    rotated = torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1).flatten(-2)
-    return torch.cat((rotated, x_pass), dim=-1)
+    """Rotate adjacent pairs (2i, 2i+1) of the first 2 * cos.shape[-1] dims of x [batch, seq, heads, head_dim];
+    cos and sin are [batch, seq, 1, rotary_dim / 2]. Returns a new contiguous tensor."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _RotaryFunction.apply(x, cos, sin)
+    return _rotate(x, cos, sin)
 
 
 def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
@@ -130,13 +184,14 @@ class SelfAttention(nn.Module):
     def forward(self, hidden_states, attention_mask, position_embeddings, cache=None, cache_position=None, **kwargs):
         batch, seq_len, _ = hidden_states.shape
         qkv = self.query_key_value(hidden_states)
-        query, key, value = qkv.split((self.q_size, self.kv_size, self.kv_size), dim=-1)
-        query = query.view(batch, seq_len, self.num_heads, self.head_dim).transpose(1, 2)
-        key = key.view(batch, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        value = value.view(batch, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        # Q and K are adjacent in the fused projection: one RoPE pass over both, on the [batch, seq, heads, dim] view.
+        query_key = qkv[..., : self.q_size + self.kv_size].view(batch, seq_len, -1, self.head_dim)
         cos, sin = position_embeddings
-        query = apply_rotary_pos_emb(query, cos, sin)
-        key = apply_rotary_pos_emb(key, cos, sin)
+        query_key = apply_rotary_pos_emb(query_key, cos, sin).transpose(1, 2)
+        query, key = query_key.split((self.num_heads, self.num_kv_heads), dim=1)
+        # A copy of V lets the fused QKV output be freed instead of being kept alive by a view.
+        value = qkv[..., self.q_size + self.kv_size:].view(batch, seq_len, -1, self.head_dim).transpose(1, 2)
+        value = value.contiguous() if torch.is_grad_enabled() else value
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx, {"cache_position": cache_position})
 
@@ -165,8 +220,34 @@ class MLP(nn.Module):
         self.dense_4h_to_h = nn.Linear(config.ffn_hidden_size, config.hidden_size, bias=config.add_bias_linear)
 
     def forward(self, hidden_states):
-        gate, up = self.dense_h_to_4h(hidden_states).chunk(2, dim=-1)
-        return self.dense_4h_to_h(F.silu(gate) * up)
+        gate_up = self.dense_h_to_4h(hidden_states)
+        if torch.is_grad_enabled() and gate_up.requires_grad:
+            return self.dense_4h_to_h(_SwiGLUFunction.apply(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
+        return self.dense_4h_to_h(F.silu(gate).mul_(up))
+
+
+class _SwiGLUFunction(torch.autograd.Function):
+    """silu(gate) * up keeping only the projection's output for backward (autograd also keeps silu(gate))."""
+
+    @staticmethod
+    def forward(ctx, gate_up):
+        ctx.save_for_backward(gate_up)
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate).mul_(up)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (gate_up,) = ctx.saved_tensors
+        gate, up = gate_up.chunk(2, dim=-1)
+        sigmoid = torch.sigmoid(gate)
+        grad = torch.empty_like(gate_up)
+        grad_gate, grad_up = grad.chunk(2, dim=-1)
+        torch.mul(gate * sigmoid, grad_output, out=grad_up)
+        # silu'(g) = sigmoid(g) * (1 + g * (1 - sigmoid(g)))
+        derivative = (1 - sigmoid).mul_(gate).add_(1).mul_(sigmoid).mul_(up)
+        torch.mul(derivative, grad_output, out=grad_gate)
+        return grad
 
 
 class GLMBlock(GradientCheckpointingLayer):
@@ -452,12 +533,89 @@ class _PrefixOnlyCache:
         return torch.cat((self.key, key), dim=2), torch.cat((self.value, value), dim=2)
 
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Next-token cross entropy in fp32: logits at t predict labels at t + 1; -100 is ignored."""
-    shift_logits = logits[:, :-1].float()
-    shift_labels = labels[:, 1:].to(logits.device)
-    return F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
-                           ignore_index=-100)
+def _shifted_targets(labels: torch.Tensor) -> torch.Tensor:
+    """labels shifted left by one, -100 at the end: position t predicts labels[t + 1]."""
+    return F.pad(labels[:, 1:], (0, 1), value=-100)
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
+    """Next-token cross entropy in fp32: logits at t predict labels at t + 1; -100 is ignored. The mean over the
+    targets, or their sum divided by `num_items_in_batch` (what Trainer passes under gradient accumulation)."""
+    targets = _shifted_targets(labels.to(logits.device)).reshape(-1)
+    flat = logits.float().reshape(-1, logits.shape[-1])
+    if num_items_in_batch is None:
+        return F.cross_entropy(flat, targets, ignore_index=-100)
+    return F.cross_entropy(flat, targets, ignore_index=-100, reduction="sum") / num_items_in_batch
+
+
+# Elements of the fp32 logits block the training loss handles at a time (32 MB).
+_LOSS_BLOCK_ELEMENTS = 1 << 23
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Cross entropy of hidden @ weight.T, a block of rows at a time, with its gradient computed in the same pass.
+
+    Autograd would keep the [tokens, vocab] logits, their fp32 log-softmax and, in backward, two more tensors of that
+    size (1 GB at batch 4 x 512 and a 32k vocabulary); here one block of fp32 logits exists at a time and the backward
+    only scales the gradients computed in forward (no recomputation).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, divisor):
+        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        rows = max(1, _LOSS_BLOCK_ELEMENTS // weight.shape[0])
+        for start in range(0, hidden.shape[0], rows):
+            block = slice(start, start + rows)
+            logits = (hidden[block] @ weight.t()).float()  # the model's dtype, then fp32, as the plain path
+            target = targets[block]
+            valid = target != -100
+            target = target.masked_fill(~valid, 0)
+            lse = torch.logsumexp(logits, dim=-1)
+            total += ((lse - logits.gather(1, target[:, None])[:, 0]) * valid).sum()
+            # d loss / d logits = (softmax - one_hot(target)) * valid / divisor, built in place of the logits
+            grad_logits = logits.sub_(lse[:, None]).exp_()
+            grad_logits.scatter_add_(1, target[:, None], grad_logits.new_full((target.shape[0], 1), -1.0))
+            grad_logits.mul_((valid.to(grad_logits.dtype) / divisor)[:, None])
+            if need_hidden:
+                torch.mm(grad_logits.to(weight.dtype), weight, out=grad_hidden[block])
+            if need_weight:
+                if weight.dtype == torch.float32:
+                    grad_weight.addmm_(grad_logits.t(), hidden[block])
+                else:  # accumulate the blocks in fp32
+                    grad_weight += grad_logits.to(weight.dtype).t() @ hidden[block]
+        ctx.grad_hidden, ctx.grad_weight, ctx.weight_dtype = grad_hidden, grad_weight, weight.dtype
+        return total / divisor
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_hidden, grad_weight = ctx.grad_hidden, ctx.grad_weight
+        ctx.grad_hidden = ctx.grad_weight = None  # a second backward through this graph is not supported
+        if grad_hidden is not None:
+            grad_hidden = grad_hidden.mul_(grad_loss.to(grad_hidden.dtype))
+        if grad_weight is not None:
+            grad_weight = grad_weight.mul_(grad_loss).to(ctx.weight_dtype)
+        return grad_hidden, grad_weight, None, None
+
+
+def fused_causal_lm_loss(hidden_states, weight, labels, num_items_in_batch=None):
+    """`causal_lm_loss(hidden_states @ weight.T, labels)` without the logits: computed block by block with the
+    gradient, so training never holds vocabulary-sized tensors. Values and gradients equal the plain path's."""
+    width = hidden_states.shape[-1]
+    targets = _shifted_targets(labels.to(hidden_states.device)).reshape(-1)
+    divisor = (targets != -100).sum() if num_items_in_batch is None else num_items_in_batch
+    if not isinstance(divisor, torch.Tensor):
+        divisor = torch.tensor(float(divisor))
+    divisor = divisor.to(device=hidden_states.device, dtype=torch.float32)
+    return _LinearCrossEntropy.apply(hidden_states.reshape(-1, width), weight, targets, divisor)
+
+
+def _is_plain_linear(module: nn.Module) -> bool:
+    """A bare nn.Linear: no adapter wrapper (PEFT), hook or replaced forward that a direct weight product would skip."""
+    return (type(module) is nn.Linear and module.bias is None and "forward" not in module.__dict__
+            and not module._forward_hooks and not module._forward_pre_hooks)
 
 
 class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin, ChatMixin):
@@ -515,10 +673,19 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin, C
             return_dict=True,
         )
         hidden_states = outputs.last_hidden_state
-        # Only the last positions' logits are needed while generating.
-        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.transformer.output_layer(hidden_states[:, keep])
-        loss = causal_lm_loss(logits, labels) if labels is not None else None
+        head = self.transformer.output_layer
+        num_items = kwargs.get("num_items_in_batch")
+        # Training with labels: the loss without the logits (logits=None), which would be the largest tensors of the
+        # step. Evaluation, generation and no-grad calls return the logits as usual.
+        if (labels is not None and self.training and torch.is_grad_enabled() and _is_plain_linear(head)
+                and isinstance(logits_to_keep, int) and logits_to_keep == 0
+                and (hidden_states.requires_grad or head.weight.requires_grad)):
+            logits, loss = None, fused_causal_lm_loss(hidden_states, head.weight, labels, num_items)
+        else:
+            # Only the last positions' logits are needed while generating.
+            keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+            logits = head(hidden_states[:, keep])
+            loss = causal_lm_loss(logits, labels, num_items) if labels is not None else None
         result = CausalLMOutputWithPast(
             loss=loss,
             logits=logits,

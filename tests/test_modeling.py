@@ -394,7 +394,8 @@ def test_resize_token_embeddings():
     assert model.transformer.output_layer.weight.shape == (160, config.hidden_size)
     assert torch.equal(model.get_input_embeddings().weight[:10], old)
     ids = torch.tensor([[150, 5, 159]])
-    assert model(ids, labels=ids).logits.shape == (1, 3, 160)
+    with torch.no_grad():  # training calls with labels return the loss only (logits=None)
+        assert model(ids, labels=ids).logits.shape == (1, 3, 160)
 
 
 @pytest.mark.parametrize("projection", [False, True])
@@ -472,3 +473,94 @@ def test_legacy_tuple_cache_is_refused_clearly():
     model = glm.ChatGLMForConditionalGeneration(tiny_config())
     with pytest.raises(TypeError, match="Cache"):
         model(torch.tensor([[5, 6]]), past_key_values=((torch.zeros(1), torch.zeros(1)),))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fast paths (issue 6): custom autograd functions and the fused training loss give the same values and gradients
+
+
+def _grads(model):
+    return {name: param.grad.clone() for name, param in model.named_parameters() if param.grad is not None}
+
+
+@pytest.mark.parametrize("overrides", PARITY_CONFIGS[:3])
+def test_training_loss_and_gradients_match_native_glm(overrides):
+    config, model, native = _pair(11, **overrides)
+    model.train()
+    native.train()
+    ids, mask = _left_padded_batch(config.padded_vocab_size, [10, 7, 4])
+    labels = ids.masked_fill((mask == 0) | (mask.cumsum(-1) == 1), -100)
+    ours = model(ids, attention_mask=mask, labels=labels)
+    theirs = native(ids, attention_mask=mask, labels=labels)
+    assert ours.logits is None  # training with labels returns the loss only (the logits are never built)
+    torch.testing.assert_close(ours.loss, theirs.loss, atol=1e-5, rtol=0)
+    ours.loss.backward()
+    theirs.loss.backward()
+    converted = convert_glm.glm_to_native_state_dict(_grads(model), config)
+    native_grads = _grads(native)
+    assert set(converted) == set(native_grads)
+    for name, grad in converted.items():
+        torch.testing.assert_close(grad, native_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("num_items", [None, 17])
+def test_fused_loss_equals_plain_loss_and_gradients(num_items):
+    torch.manual_seed(12)
+    vocab, width = 50, 16
+    hidden = torch.randn(3, 9, width, requires_grad=True)
+    weight = torch.randn(vocab, width, requires_grad=True)
+    labels = torch.randint(0, vocab, (3, 9))
+    labels[0, :4] = -100
+    original = modeling._LOSS_BLOCK_ELEMENTS
+    modeling._LOSS_BLOCK_ELEMENTS = 4 * vocab  # blocks of 4 rows: several, and a partial last one
+    try:
+        fused = modeling.fused_causal_lm_loss(hidden, weight, labels, num_items)
+        fused_grads = torch.autograd.grad(fused * 3, (hidden, weight))
+    finally:
+        modeling._LOSS_BLOCK_ELEMENTS = original
+    plain = modeling.causal_lm_loss(hidden @ weight.t(), labels, num_items)
+    torch.testing.assert_close(fused, plain)
+    for a, b in zip(fused_grads, torch.autograd.grad(plain * 3, (hidden, weight))):
+        torch.testing.assert_close(a, b)
+
+
+def test_training_keeps_no_vocabulary_sized_tensor_and_eval_returns_logits():
+    config = tiny_config(padded_vocab_size=1000)
+    model = glm.ChatGLMForConditionalGeneration(config).train()
+    ids = torch.randint(3, config.padded_vocab_size, (4, 64))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        out = model(ids, labels=ids)
+    assert out.logits is None
+    # The largest kept tensor is a weight matrix, nothing of tokens x vocab.
+    assert max(saved) < ids.numel() * config.padded_vocab_size / 4, max(saved)
+    out.loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+    with torch.no_grad():
+        evaluated = model(ids, labels=ids)
+    assert evaluated.logits.shape == (4, 64, config.padded_vocab_size)
+    torch.testing.assert_close(evaluated.loss, out.loss)
+    # An adapter or hook on the output layer must not be bypassed: then the plain path runs, logits included.
+    model.transformer.output_layer.register_forward_hook(lambda module, args, output: output)
+    assert model(ids, labels=ids).logits.shape == (4, 64, config.padded_vocab_size)
+
+
+def test_rmsnorm_rotary_and_swiglu_functions_gradcheck():
+    torch.manual_seed(13)
+    # RMSNorm computes in fp32 whatever the input (GLM_SPEC section 3): compare with autograd on the plain formula.
+    x = torch.randn(2, 3, 8, requires_grad=True)
+    weight = torch.randn(8, requires_grad=True)
+    grad_output = torch.randn(2, 3, 8)
+    fused = modeling._RMSNormFunction.apply(x, weight, 1e-5)
+    plain = weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5))
+    torch.testing.assert_close(fused, plain)
+    for a, b in zip(torch.autograd.grad(fused, (x, weight), grad_output),
+                    torch.autograd.grad(plain, (x, weight), grad_output)):
+        torch.testing.assert_close(a, b)
+    angles = torch.randn(2, 3, 1, 2, dtype=torch.float64)
+    heads = torch.randn(2, 3, 4, 8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda h: modeling._RotaryFunction.apply(h, angles.cos(), angles.sin()), (heads,))
+    gate_up = torch.randn(2, 3, 10, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(modeling._SwiGLUFunction.apply, (gate_up,))
+    gate, up = gate_up.chunk(2, dim=-1)
+    torch.testing.assert_close(modeling._SwiGLUFunction.apply(gate_up), torch.nn.functional.silu(gate) * up)
