@@ -14,7 +14,6 @@ Example:
     'assistant'
 """
 
-import itertools
 import json
 import os
 import random
@@ -72,7 +71,7 @@ def weather_conversation(city_index: int, template_index: int, lang: str, rng: r
     ]
 
 
-def skill_splits(n_train: int = 20000, n_heldout: int = 200, seed: int = 0, tool_fraction: float = 0.2):
+def skill_splits(n_train: int = 20000, n_heldout: int = 200, seed: int = 0, tool_fraction: float = 0.3):
     """Generated training conversations and a held-out set that shares no (question, language) with them.
 
     Held-out items are whole questions never seen in training: addition pairs (a, b) held out in both languages, and

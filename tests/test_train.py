@@ -160,6 +160,18 @@ def test_pretraining_on_text_files_lowers_validation_loss(workspace, tmp_path):
     assert record["tokens_per_s"] > 0 and 0 < record["mfu"] < 1
 
 
+def test_gradient_checkpointing_and_accumulation_keep_the_losses(workspace, tmp_path):
+    data = ["--train_file", str(workspace / "train.txt"), "--validation_file", str(workspace / "validation.txt"),
+            "--max_train_steps", "3"]
+    train.main(common(workspace, tmp_path / "plain", *data, "--per_device_train_batch_size", "8"))
+    train.main(common(workspace, tmp_path / "gc", *data, "--per_device_train_batch_size", "4",
+                      "--gradient_accumulation_steps", "2", "--gradient_checkpointing"))
+    plain, other = losses(tmp_path / "plain"), losses(tmp_path / "gc")
+    for step in plain:
+        assert other[step] == pytest.approx(plain[step], rel=1e-5), step
+    assert_same_weights(weights(tmp_path / "plain"), weights(tmp_path / "gc"), atol=5e-5)
+
+
 def test_sft_labels_are_exactly_the_replies_and_their_stop_tokens(workspace):
     tokenizer = glm.ChatGLMTokenizer.from_pretrained(workspace / "base")
     conversation = data_glm.weather_conversation(0, 0, "en", __import__("random").Random(0))
