@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, glm, reference_file
+from conftest import REFERENCE, ROOT, glm, reference_file
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
@@ -176,17 +176,18 @@ def test_control_token_strings_in_text_stay_text(glm3, sp):
     assert glm3.encode("Aesop", add_special_tokens=False, split_special_tokens=False) == sp.encode("Aesop")
 
 
-def test_non_strings_raise_type_error_naming_the_type(glm3):
+def test_non_strings_raise_type_error_naming_the_type(trained):
     for value, name in ((123, "int"), (None, "NoneType"), (b"ab", "bytes"), (["a", 1], "int")):
         with pytest.raises(TypeError, match=name):
-            glm3.encode(value)
+            trained.encode(value)
         with pytest.raises(TypeError, match=name):
-            glm3(value)
+            trained(value)
 
 
-def test_batches_pad_on_the_left(glm3):
-    batch = glm3(["你好", "hello world 123"], padding=True, return_tensors="pt")
-    short = glm3.encode("你好")
+def test_batches_pad_on_the_left(trained):
+    batch = trained(["你好", "hello world 123"], padding=True, return_tensors="pt")
+    short = trained.encode("你好")
+    assert trained.pad_token == "<unk>" and trained.padding_side == "left"
     width = batch["input_ids"].shape[1]
     assert batch["input_ids"][0].tolist() == [0] * (width - len(short)) + short
     assert batch["attention_mask"][0].tolist() == [0] * (width - len(short)) + [1] * len(short)
@@ -261,7 +262,7 @@ def random_conversation(rng, glm4):
     return messages
 
 
-@pytest.mark.parametrize("family", ["glm3", "glm4"])
+@pytest.mark.parametrize("family", ["glm3", "glm4", "trained"])
 def test_apply_chat_template_gives_build_chat_input_ids(family, request):
     tokenizer = request.getfixturevalue(family)
     rng = random.Random(1)
@@ -295,7 +296,7 @@ def test_chat_template_survives_save_and_batches(glm3, tmp_path):
         glm3.apply_chat_template(chats[0], tools=TOOLS)
 
 
-@pytest.mark.parametrize("family", ["glm3", "glm4"])
+@pytest.mark.parametrize("family", ["glm3", "glm4", "trained"])
 def test_control_strings_in_messages_stay_text(family, request):
     tokenizer = request.getfixturevalue(family)
     typed = "x<|assistant|>y [gMASK] <|user|>\ue000<|observation|>"
@@ -350,7 +351,8 @@ def test_glm4_fuzz_matches_tiktoken_and_round_trips(glm4, tiktoken_encoding, tex
 # Fine-tuning labels and message checks
 
 
-def test_tokenize_conversation_labels(glm3):
+def test_tokenize_conversation_labels(trained):
+    tokenizer, eos = trained, trained.eos_token_id
     messages = [
         {"role": "system", "content": "sys"},
         {"role": "user", "content": "hi"},
@@ -358,20 +360,20 @@ def test_tokenize_conversation_labels(glm3):
         {"role": "observation", "content": "{}"},
         {"role": "assistant", "content": "done"},
     ]
-    out = glm3.tokenize_conversation(messages)
+    out = tokenizer.tokenize_conversation(messages)
     rendered = [("", "sys"), ("", "hi"), tg.format_tool_call(**CALL), ("", "{}"), ("", "done")]
-    parts = [glm3.get_prefix_tokens()] + [glm3.build_single_message(message["role"], metadata, content)
-                                          for message, (metadata, content) in zip(messages, rendered)]
+    parts = [tokenizer.get_prefix_tokens()] + [tokenizer.build_single_message(message["role"], metadata, content)
+                                               for message, (metadata, content) in zip(messages, rendered)]
     ignore = lambda ids: [-100] * len(ids)  # noqa: E731
-    assert out["input_ids"] == sum(parts, []) + [2]
+    assert out["input_ids"] == sum(parts, []) + [eos]
     assert out["labels"] == (ignore(parts[0]) + ignore(parts[1]) + ignore(parts[2])
                              + [-100] + parts[3][1:]  # the reply: metadata line and call, not its role token
                              + [parts[4][0]] + ignore(parts[4][1:])  # <|observation|> stops the reply
-                             + [-100] + parts[5][1:] + [2])  # the last reply, then eos
-    truncated = glm3.tokenize_conversation(messages, max_length=10)
+                             + [-100] + parts[5][1:] + [eos])  # the last reply, then eos
+    truncated = tokenizer.tokenize_conversation(messages, max_length=10)
     assert truncated == {"input_ids": out["input_ids"][:10], "labels": out["labels"][:10]}
-    ends_with_user = glm3.tokenize_conversation(messages[:2])
-    assert set(ends_with_user["labels"]) == {-100} and ends_with_user["input_ids"][-1] != 2
+    ends_with_user = tokenizer.tokenize_conversation(messages[:2])
+    assert set(ends_with_user["labels"]) == {-100} and ends_with_user["input_ids"][-1] != eos
 
 
 @pytest.mark.parametrize(
@@ -387,17 +389,17 @@ def test_tokenize_conversation_labels(glm3):
         ({"role": "assistant", "content": {"name": "f"}}, "needs a 'name' and 'parameters' or 'content'"),
     ],
 )
-def test_bad_messages_name_index_and_problem(glm3, message, problem):
+def test_bad_messages_name_index_and_problem(trained, message, problem):
     messages = [{"role": "user", "content": "ok"}, message]
-    for call in (lambda: glm3.tokenize_conversation(messages), lambda: glm3.apply_chat_template(messages),
-                 lambda: glm3.build_chat_input("q", history=messages)):
+    for call in (lambda: trained.tokenize_conversation(messages), lambda: trained.apply_chat_template(messages),
+                 lambda: trained.build_chat_input("q", history=messages)):
         with pytest.raises(ValueError, match=rf"message 1: .*{problem}"):
             call()
 
 
-def test_other_channel_reply_dict_is_rendered(glm3):
+def test_other_channel_reply_dict_is_rendered(trained):
     reply = {"role": "assistant", "content": {"name": "interpreter", "content": "print(1)"}}
-    assert glm3.tokenize_conversation([reply])["input_ids"][2:-1] == glm3.build_single_message(
+    assert trained.tokenize_conversation([reply])["input_ids"][2:-1] == trained.build_single_message(
         "assistant", "interpreter", "print(1)")
 
 
@@ -460,10 +462,13 @@ print(json.dumps(out))
 """
 
 
-def test_save_load_round_trip_through_auto_tokenizer(sp_model, glm4_folder, trained, tmp_path):
+def test_save_load_round_trip_through_auto_tokenizer(glm4_folder, trained, tmp_path):
     # Folders as the Hub repos have them: the original tokenizer.model, this file, a config naming it.
+    originals = {"glm4": glm4_folder[0] / "tokenizer.model"}
+    if (REFERENCE / "chatglm3-6b" / "tokenizer.model").exists():  # else GLM-4 and the trained tokenizer only
+        originals["glm3"] = REFERENCE / "chatglm3-6b" / "tokenizer.model"
     folders = []
-    for name, model_file in (("glm3", sp_model), ("glm4", glm4_folder[0] / "tokenizer.model")):
+    for name, model_file in originals.items():
         original = tmp_path / f"{name}-original"
         original.mkdir()
         shutil.copy(model_file, original / "tokenizer.model")
