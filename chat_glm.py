@@ -113,7 +113,7 @@ def _process(messages, history, parse_tools):
 def process_response(messages, history):
     """The reply and the history extended by it, from the assistant message(s) of one generation.
 
-    `messages` is one decoded assistant message, `metadata + "\n" + content`, or a list of them (the model may
+    `messages` is one decoded assistant message, `metadata + "\\n" + content`, or a list of them (the model may
     open another message with <|assistant|> before it stops). Each becomes a history item {"role": "assistant",
     "metadata", "content"} and the reply is the last one: its content when the metadata line is empty; when it names
     a tool and a system message declares `tools`, `parse_tool_call`'s {"name", "parameters"} dict; otherwise another
@@ -121,7 +121,7 @@ def process_response(messages, history):
     A new history list is returned; the caller's is not changed.
 
     Example:
-        >>> process_response("\n你好", [])
+        >>> process_response("\\n你好", [])
         ('你好', [{'role': 'assistant', 'metadata': '', 'content': '你好'}])
     """
     return _process(messages, history, parse_tools=True)
@@ -172,10 +172,10 @@ class _StopWhenSet(StoppingCriteria):
 
 
 class _ReplyDecoder:
-    """Generated ids -> assistant messages (`metadata + "\n" + content`), in whole characters only.
+    """Generated ids -> assistant messages (`metadata + "\\n" + content`), in whole characters only.
 
     Stop tokens are dropped and <|assistant|> starts a new message. The content gets a decoder of its own, because
-    the prompt format encodes metadata + "\n" and the content separately (each with ChatGLM3's dummy prefix)."""
+    the prompt format encodes metadata + "\\n" and the content separately (each with ChatGLM3's dummy prefix)."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
