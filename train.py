@@ -776,7 +776,7 @@ def write_model_card(args, output_dir: Path, mode: str, summary: dict):
     header.append("---")
 
     def number(value):
-        return "n/a" if value is None else f"{value:.4f}"
+        return "n/a" if value is None else f"{value:.4g}"
 
     body = f"""
 # {args.hub_model_id or output_dir.name}
