@@ -326,6 +326,16 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
 
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """As PreTrainedModel.from_pretrained; a P-tuning v2 model comes back with only its prefix trainable
+        (transformers 5.x hands back loaded parameters that all require grad, undoing the freeze of __init__)."""
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True
+        if model.config.pre_seq_len is not None:
+            getattr(model, "transformer", model).freeze_base_model()
+        return loaded
+
 
 def _prefix_length(config: ChatGLMConfig) -> int:
     return config.pre_seq_len or 0

@@ -238,10 +238,6 @@ def build_model(args, config, tokenizer):
         torch.manual_seed(args.seed)
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=True,
                                                  attn_implementation=args.attn_implementation)
-    if config.pre_seq_len is not None:
-        # The model freezes its base in __init__, but transformers 5's from_pretrained hands back fresh parameters
-        # that all require grad; freeze again with the model's own method.
-        model.transformer.freeze_base_model()
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False

@@ -428,6 +428,14 @@ def test_ptuning_v2_trains_only_the_prefix(projection):
     assert torch.equal(step_logits, greedy[:, -4:])
 
 
+def test_ptuning_v2_stays_frozen_after_from_pretrained(tmp_path):
+    glm.ChatGLMForConditionalGeneration(tiny_config(pre_seq_len=3)).save_pretrained(tmp_path)
+    for auto in (glm.ChatGLMForConditionalGeneration, glm.ChatGLMModel):
+        model = auto.from_pretrained(tmp_path)
+        trainable = {n.removeprefix("transformer.") for n, p in model.named_parameters() if p.requires_grad}
+        assert trainable == {"prefix_encoder.embedding.weight"}, auto
+
+
 def test_sequence_classification_pools_last_real_token():
     config = tiny_config(num_labels=2)
     torch.manual_seed(10)
