@@ -13,8 +13,10 @@ What is measured, per config:
   gen1/8   greedy generate() of 256 new tokens after a 32-token prompt, batch 1 and 8, each model with its own
            default generation settings (native: DynamicCache): new tokens/s, and the share of the weight-streaming
            bound (every weight matrix read once per decoding step at the measured bandwidth)
-and the machine's own limits in the same run: dense matmul FLOP/s (the best of a few square sizes) and matrix-vector
-bandwidth (a 256 MB fp32 / 1 GB bf16 weight times one vector, as a decoding step reads its weights).
+and the machine's own limits in the same run: dense matmul FLOP/s (a 2048^2 fp32 product on CPU) and matrix-vector
+bandwidth (a 256 MB fp32 / 1 GB bf16 weight times one vector, as a decoding step reads its weights). Both are measured
+once at the start (the header) and again between the training steps and the generate() calls, in the same
+alternation: MFU and the share of the weight-streaming bound divide figures taken under the same machine load.
 """
 
 import argparse
