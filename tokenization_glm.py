@@ -356,6 +356,23 @@ class ChatGLMTokenizer(PreTrainedTokenizerFast):
             raise KeyError(f"{token!r} is not a control token of this tokenizer")
         return token_id
 
+    def encode_batch_ids(self, texts, add_special_tokens=True):
+        """Token ids of many texts at once: the fastest way to tokenize a corpus.
+
+        The same ids as `self(texts)["input_ids"]`, encoded in parallel by `tokenizers` without the character
+        offsets that `__call__` has it compute (about 1.4x faster on 4 MB of text; see benchmarks/bench_tokenizer.py).
+
+        Example:
+            >>> tokenizer.encode_batch_ids(["你好", "hello"])
+            [[64790, 64792, 36474, 54591], [64790, 64792, 24954]]
+        """
+        texts = list(texts)
+        _check_text(texts, "texts")
+        backend = self.backend_tokenizer
+        # encode_batch_fast (tokenizers >= 0.21) skips the offsets; the ids are those of encode_batch.
+        encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+        return [encoding.ids for encoding in encode(texts, add_special_tokens=add_special_tokens)]
+
     def get_prefix_tokens(self):
         """[gMASK] sop (GLM-4: [gMASK] <sop>), the ids that start every prompt, as the original API."""
         return list(self._prefix_ids)

@@ -143,6 +143,10 @@ def test_mixed_corpus_matches_sentencepiece(glm3, sp):
     for doc, ids in zip(docs, ours):
         assert ids == [64790, 64792] + sp.encode(doc), doc[:200]
     assert glm3.batch_decode(ours, skip_special_tokens=True) == docs
+    # The offset-free batch path gives the same ids, control-token strings in text included.
+    docs.append("<|assistant|> typed [gMASK] sop")
+    assert glm3.encode_batch_ids(docs) == [[64790, 64792] + sp.encode(doc) for doc in docs]
+    assert glm3.encode_batch_ids(docs, add_special_tokens=False) == [sp.encode(doc) for doc in docs]
 
 
 @settings(max_examples=300, deadline=None)
@@ -338,6 +342,8 @@ def test_glm4_corpus_matches_tiktoken(glm4, tiktoken_encoding):
     for doc, ids in zip(docs, glm4(docs, add_special_tokens=False)["input_ids"]):
         assert ids == tiktoken_encoding.encode(doc, disallowed_special=()), doc[:200]
         assert glm4.decode(ids) == doc
+    expected = [tiktoken_encoding.encode(doc, disallowed_special=()) for doc in docs]
+    assert glm4.encode_batch_ids(docs, add_special_tokens=False) == expected
 
 
 @settings(max_examples=300, deadline=None)
