@@ -308,10 +308,11 @@ def test_save_and_load_through_auto_classes_in_fresh_process(tmp_path):
     torch.save({"ids": ids, "logits": expected}, tmp_path.parent / "expected.pt")
     script = textwrap.dedent(f"""
         import torch
-        from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+        from transformers import (AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM,
+                                  AutoModelForSequenceClassification)
         path = {str(tmp_path)!r}
         data = torch.load({str(tmp_path.parent / "expected.pt")!r})
-        for auto in (AutoModel, AutoModelForCausalLM):
+        for auto in (AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM):
             model = auto.from_pretrained(path, trust_remote_code=True).eval()
             assert type(model).__name__ == "ChatGLMForConditionalGeneration", type(model)
             with torch.no_grad():
