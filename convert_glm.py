@@ -4,6 +4,7 @@ The weight mapping lives here once; the tests and benchmarks import it.
 
     python convert_glm.py --to native path/to/chatglm3-6b path/to/chatglm3-6b-native   # drop trust_remote_code
     python convert_glm.py --to glm path/to/glm-native path/to/glm-remote-code             # back again
+    python convert_glm.py --to code path/to/chatglm3-6b path/to/chatglm3-6b               # THUDM weights, our code
 
 The native model computes the same function (GLM_SPEC.md section 3): split q/k/v projections instead of the fused
 query_key_value, the same gate-then-up fused MLP, partial_rotary_factor 0.5 and rope_theta = 10000 * rope_ratio.
@@ -125,7 +126,7 @@ def glm_to_native_state_dict(state_dict, config):
             kind = rest.rsplit(".", 1)[1]  # weight or bias
             q, k, v = tensor.split((q_size, kv_size, kv_size), dim=0)
             for proj, part in (("q_proj", q), ("k_proj", k), ("v_proj", v)):
-                out[f"{prefix}self_attn.{proj}.{kind}"] = part.contiguous()
+                out[f"{prefix}self_attn.{proj}.{kind}"] = part.clone()  # own storage: safetensors refuses views
         else:
             raise KeyError(f"unexpected GLM weight {name!r}")
     return out
@@ -217,14 +218,48 @@ def convert_checkpoint(src, dst, to: str) -> None:
         raise ValueError(f"--to must be 'native' or 'glm', got {to!r}")
 
 
+def adopt_code(src, dst) -> None:
+    """Put this repository's code beside a THUDM checkpoint: weights and config keys unchanged, `auto_map` in
+    config.json and tokenizer_config.json pointed at our files. `dst` may be `src` (only the JSON files change)."""
+    from configuration_glm import AUTO_MAP
+    from local_glm import CODE_FILES, ROOT
+
+    src, dst = Path(src), Path(dst)
+    if not (src / "config.json").exists():
+        raise FileNotFoundError(f"{src / 'config.json'} is missing: not a checkpoint folder")
+    dst.mkdir(parents=True, exist_ok=True)
+    if src.resolve() != dst.resolve():
+        for file in src.iterdir():
+            if file.is_file():
+                shutil.copy2(file, dst / file.name)
+    config = json.loads((dst / "config.json").read_text())
+    if config.get("model_type") != "chatglm":
+        raise ValueError(f"{dst / 'config.json'}: model_type is {config.get('model_type')!r}, expected 'chatglm'")
+    config["auto_map"] = dict(AUTO_MAP)
+    (dst / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    tokenizer_config = dst / "tokenizer_config.json"
+    if tokenizer_config.exists():
+        values = json.loads(tokenizer_config.read_text())
+        values["auto_map"] = {"AutoTokenizer": ["tokenization_glm.ChatGLMTokenizer", None]}
+        values["tokenizer_class"] = "ChatGLMTokenizer"
+        tokenizer_config.write_text(json.dumps(values, indent=2, ensure_ascii=False) + "\n")
+    for code in CODE_FILES:
+        shutil.copy2(ROOT / code, dst / code)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--to", required=True, choices=("native", "glm"),
-                        help="target layout: native = transformers GlmForCausalLM, glm = this repository's code")
+    parser.add_argument("--to", required=True, choices=("native", "glm", "code"),
+                        help="native = transformers GlmForCausalLM; glm = this repository's layout and code, from a "
+                             "native checkpoint; code = a THUDM checkpoint as it is, with this repository's code "
+                             "(src may equal dst)")
     parser.add_argument("src", help="checkpoint folder to read (config.json and weights)")
     parser.add_argument("dst", help="folder to write")
     args = parser.parse_args(argv)
-    convert_checkpoint(args.src, args.dst, args.to)
+    if args.to == "code":
+        adopt_code(args.src, args.dst)
+    else:
+        convert_checkpoint(args.src, args.dst, args.to)
     print(f"wrote {args.dst}")
 
 

@@ -1,0 +1,110 @@
+"""A checkpoint folder as THUDM published it loads with our code after `convert_glm.py --to code`, and the
+native round trip through the command line keeps every weight."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from conftest import ROOT, glm, reference_file, tiny_config
+
+import convert_glm
+
+
+def _thudm_folder(folder, tokenizer_config_name):
+    """A tiny model laid out like THUDM/chatglm3-6b: fp16 .bin shards with the index, the saved inv_freq, the
+    original auto_map naming THUDM's files, and the published tokenizer files."""
+    folder.mkdir()
+    config = tiny_config(padded_vocab_size=65024, num_layers=2, hidden_size=32, num_attention_heads=4,
+                         kv_channels=8, ffn_hidden_size=48)
+    torch.manual_seed(0)
+    model = glm.ChatGLMForConditionalGeneration(config).half()
+    state = dict(model.state_dict())
+    state["transformer.rotary_pos_emb.inv_freq"] = torch.ones(config.kv_channels // 4, dtype=torch.float16)
+    names = sorted(state)
+    shards = {"pytorch_model-00001-of-00002.bin": names[: len(names) // 2],
+              "pytorch_model-00002-of-00002.bin": names[len(names) // 2:]}
+    for shard, keys in shards.items():
+        torch.save({key: state[key].clone() for key in keys}, folder / shard)
+    index = {"metadata": {"total_size": sum(t.numel() * 2 for t in state.values())},
+             "weight_map": {key: shard for shard, keys in shards.items() for key in keys}}
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    published = json.loads(reference_file("chatglm3-6b", "config.json").read_text())
+    small = {k: config.to_dict()[k] for k in ("num_layers", "hidden_size", "num_attention_heads", "kv_channels",
+                                              "ffn_hidden_size", "multi_query_group_num")}
+    published.update(small)  # auto_map still names configuration_chatglm / modeling_chatglm
+    (folder / "config.json").write_text(json.dumps(published))
+    shutil.copy(reference_file("chatglm3-6b", tokenizer_config_name), folder / "tokenizer_config.json")
+    shutil.copy(reference_file("chatglm3-6b", "tokenizer.model"), folder / "tokenizer.model")
+    return model.float(), published
+
+
+@pytest.mark.parametrize("tokenizer_config_name", ["tokenizer_config.json", "tokenizer_config.latest.json"])
+def test_thudm_folder_loads_unchanged_with_our_code(tmp_path, tokenizer_config_name):
+    model, published = _thudm_folder(tmp_path / "chatglm3", tokenizer_config_name)
+    weights_before = {p.name: p.read_bytes() for p in (tmp_path / "chatglm3").glob("*.bin")}
+    subprocess.run([sys.executable, str(ROOT / "convert_glm.py"), "--to", "code", str(tmp_path / "chatglm3"),
+                    str(tmp_path / "chatglm3")], check=True, capture_output=True, timeout=300)
+    folder = tmp_path / "chatglm3"
+    assert {p.name: p.read_bytes() for p in folder.glob("*.bin")} == weights_before
+    adopted = json.loads((folder / "config.json").read_text())
+    assert {k: v for k, v in adopted.items() if k != "auto_map"} == {
+        k: v for k, v in published.items() if k != "auto_map"}, "config keys must stay as published"
+    ids = torch.tensor([[64790, 64792, 64795, 30910, 13, 36474, 54591, 64796]])
+    with torch.no_grad():
+        expected = model(ids).logits
+    torch.save({"ids": ids, "logits": expected}, tmp_path / "expected.pt")
+    script = textwrap.dedent(f"""
+        import torch
+        from transformers import AutoModel, AutoTokenizer
+        path = {str(folder)!r}
+        data = torch.load({str(tmp_path / "expected.pt")!r})
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
+        assert tokenizer.build_chat_input("你好")["input_ids"].tolist() == data["ids"].tolist()
+        model, info = AutoModel.from_pretrained(path, trust_remote_code=True, dtype=torch.float32,
+                                                output_loading_info=True)
+        assert not info["missing_keys"], info
+        assert set(info["unexpected_keys"]) <= {{"transformer.rotary_pos_emb.inv_freq"}}, info
+        with torch.no_grad():
+            torch.testing.assert_close(model.eval()(data["ids"]).logits, data["logits"])
+        response, history = model.chat(tokenizer, "你好", max_new_tokens=3, do_sample=False)
+        assert history[0] == {{"role": "user", "content": "你好"}}, history
+        print("ADOPTED", type(model).__name__, type(tokenizer).__name__)
+    """)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH="")
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "ADOPTED ChatGLMForConditionalGeneration ChatGLMTokenizer" in result.stdout
+
+
+def test_native_round_trip_through_the_command_line(tmp_path):
+    config = tiny_config()
+    torch.manual_seed(1)
+    model = glm.ChatGLMForConditionalGeneration(config)
+    model.save_pretrained(tmp_path / "glm")
+    for to, src, dst in (("native", "glm", "native"), ("glm", "native", "back")):
+        subprocess.run([sys.executable, str(ROOT / "convert_glm.py"), "--to", to, str(tmp_path / src),
+                        str(tmp_path / dst)], check=True, capture_output=True, timeout=300)
+    from transformers import GlmForCausalLM
+
+    native = GlmForCausalLM.from_pretrained(tmp_path / "native")
+    ids = torch.randint(3, config.padded_vocab_size, (1, 7))
+    back = glm.ChatGLMForConditionalGeneration.from_pretrained(tmp_path / "back")
+    for key, value in model.state_dict().items():
+        assert torch.equal(back.state_dict()[key], value), key
+    with torch.no_grad():
+        torch.testing.assert_close(native(ids).logits, model(ids).logits, atol=1e-5, rtol=0)
+    assert (tmp_path / "back" / "modeling_glm.py").exists()
+
+
+def test_adopting_a_folder_that_is_not_glm_fails_clearly(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(ValueError, match="model_type"):
+        convert_glm.adopt_code(tmp_path, tmp_path)
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        convert_glm.adopt_code(tmp_path / "missing", tmp_path / "out")
