@@ -212,6 +212,8 @@ def load_or_train_tokenizer(args, accelerator, raw_train, mode):
     if args.tokenizer_name or args.model_name_or_path:
         return AutoTokenizer.from_pretrained(args.tokenizer_name or args.model_name_or_path, trust_remote_code=True)
     saved = Path(args.output_dir) / "tokenizer"
+    if (Path(args.output_dir) / "tokenizer_config.json").exists():
+        saved = Path(args.output_dir)  # a finished run's folder: its final tokenizer (the working copy is gone)
     if accelerator.is_main_process and not (saved / "tokenizer_config.json").exists():
         from local_glm import glm
 
@@ -727,6 +729,8 @@ def save_output(args, accelerator, model, tokenizer, mode, summary):
     if not accelerator.is_main_process:
         return
     tokenizer.save_pretrained(output_dir)
+    # The working copy a from-scratch run kept for resumes; the folder's own tokenizer files replace it.
+    shutil.rmtree(output_dir / "tokenizer", ignore_errors=True)
     stop_ids = list(tokenizer.stop_token_ids)
     GenerationConfig(eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id, do_sample=False
                      ).save_pretrained(output_dir)
