@@ -55,6 +55,7 @@ def decode_speed(model, new_tokens=32) -> float:
 
 
 def markov_batch(successors, rows, length, generator):
+    """Sequences of a low-entropy Markov chain: each token has three successors, taken with p .5/.3/.2."""
     tokens = torch.empty(rows, length, dtype=torch.long)
     tokens[:, 0] = torch.randint(3, VOCAB, (rows,), generator=generator)
     choice = torch.multinomial(torch.tensor([0.5, 0.3, 0.2]), rows * length, replacement=True,
@@ -64,7 +65,8 @@ def markov_batch(successors, rows, length, generator):
     return tokens
 
 
-def trained_small_model(steps):
+def trained_small_model(steps, held_out_rows=32):
+    """A small GLM trained on the chain (tests/test_chat.py uses it too), and held-out sequences."""
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)
     successors = torch.randint(3, VOCAB, (VOCAB, 3), generator=generator)
@@ -77,10 +79,12 @@ def trained_small_model(steps):
         model(batch, labels=batch).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-    return model.eval(), markov_batch(successors, 32, 48, generator)
+    return model.eval(), markov_batch(successors, held_out_rows, 48, generator)
 
 
 def agreement(full, quantized, held_out):
+    """Top-1 agreement of the logits, largest |logit difference|, logit range, and the share of the quantized
+    model's greedy tokens that full precision also picks."""
     with torch.no_grad():
         reference, logits = full(held_out).logits.float(), quantized(held_out).logits.float()
     top1 = (logits.argmax(-1) == reference.argmax(-1)).float().mean().item()

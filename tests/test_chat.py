@@ -10,6 +10,7 @@ import threading
 
 import pytest
 import torch
+from benchmarks.bench_quantize import agreement, trained_small_model, weight_bytes
 from conftest import ROOT, glm, tiny_config
 from transformers import (AutoModelForCausalLM, AutoTokenizer, LogitsProcessor, LogitsProcessorList,
                           TextIteratorStreamer, pipeline)
@@ -108,52 +109,22 @@ def test_process_response_tool_call_channel_and_text():
 # ---------------------------------------------------------------------------------------------------------------
 # quantize(): memory of the block matrices and agreement with full precision on a trained small model
 
-VOCAB = 128
-
-
-def _markov_batch(successors, rows, length, generator):
-    """Sequences of a low-entropy Markov chain: each token has three successors, taken with p .5/.3/.2."""
-    tokens = torch.empty(rows, length, dtype=torch.long)
-    tokens[:, 0] = torch.randint(3, VOCAB, (rows,), generator=generator)
-    choice = torch.multinomial(torch.tensor([0.5, 0.3, 0.2]), rows * length, replacement=True,
-                               generator=generator).view(rows, length)
-    for t in range(1, length):
-        tokens[:, t] = successors[tokens[:, t - 1], choice[:, t]]
-    return tokens
-
-
 @pytest.fixture(scope="module")
 def trained_model():
-    """A small GLM trained until it predicts the chain well (its logits have real margins, unlike random
-    weights); returned with held-out sequences."""
-    torch.manual_seed(0)
-    generator = torch.Generator().manual_seed(0)
-    successors = torch.randint(3, VOCAB, (VOCAB, 3), generator=generator)
-    config = tiny_config(hidden_size=128, ffn_hidden_size=256, kv_channels=16, padded_vocab_size=VOCAB)
-    model = glm.ChatGLMForConditionalGeneration(config)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(60):
-        batch = _markov_batch(successors, 8, 48, generator)
-        loss = model(batch, labels=batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    assert loss.item() < 1.6  # the chain's entropy is 1.03 nats; untrained is ln(128) = 4.85
-    return model.eval(), _markov_batch(successors, 8, 48, generator)
-
-
-def _bytes(tensor) -> int:
-    """Storage of a weight, summing the inner tensors of a torchao quantized tensor."""
-    names = getattr(tensor, "tensor_data_names", None)
-    if names:
-        return sum(_bytes(getattr(tensor, name)) for name in names)
-    return tensor.numel() * tensor.element_size()
+    """The benchmark's small GLM trained on a low-entropy Markov chain (its logits have real margins, unlike
+    random weights), with held-out sequences."""
+    model, held_out = trained_small_model(60, held_out_rows=8)
+    with torch.no_grad():
+        loss = model(held_out, labels=held_out).loss.item()
+    assert loss < 1.6  # the chain's entropy is 1.03 nats; untrained is ln(128) = 4.85
+    return model, held_out
 
 
 def _matrix_bytes(model):
-    blocks = sum(_bytes(module.weight) for name, module in model.named_modules()
+    blocks = sum(weight_bytes(module.weight) for name, module in model.named_modules()
                  if name.endswith(chat_glm.QUANTIZED_MATRICES))
-    others = _bytes(model.transformer.output_layer.weight) + _bytes(model.transformer.embedding.word_embeddings.weight)
+    others = (weight_bytes(model.transformer.output_layer.weight)
+              + weight_bytes(model.transformer.embedding.word_embeddings.weight))
     return blocks, others
 
 
@@ -175,21 +146,12 @@ def test_quantize_cuts_block_memory_and_keeps_greedy_outputs(trained_model, bits
     assert others == full_others  # embeddings and output layer untouched
     assert type(quantized.transformer.output_layer.weight) is torch.nn.Parameter
 
-    with torch.no_grad():
-        reference = full(held_out).logits.float()
-        logits = quantized(held_out).logits.float()
-    agreement = (logits.argmax(-1) == reference.argmax(-1)).float().mean().item()
-    max_diff = (logits - reference).abs().max().item()
-    assert agreement >= (0.99 if bits == 8 else 0.95), agreement
+    # Logits on held-out sequences, and greedy decoding: at each step of the quantized model's own continuation,
+    # full precision picks the same token.
+    top1, max_diff, _, greedy = agreement(full, quantized, held_out)
+    assert top1 >= (0.99 if bits == 8 else 0.95), top1
     assert max_diff <= (0.15 if bits == 8 else 1.0), max_diff
-
-    # Greedy decoding: at each step of the quantized model's own continuation, full precision picks the same token.
-    prompts = held_out[:, :8]
-    ids = quantized.generate(prompts, max_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=0)
-    with torch.no_grad():
-        full_choice = full(ids).logits[:, prompts.shape[1] - 1:-1].argmax(-1)
-    greedy_agreement = (full_choice == ids[:, prompts.shape[1]:]).float().mean().item()
-    assert greedy_agreement >= (0.99 if bits == 8 else 0.95), greedy_agreement
+    assert greedy >= (0.99 if bits == 8 else 0.95), greedy
 
 
 def test_quantize_rejects_other_bit_widths():
