@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REFERENCE, ROOT, glm, reference_file
+from conftest import ROOT, glm, reference_file
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
@@ -128,11 +128,12 @@ def test_chatglm3_spec_ids(glm3, sp):
 
 
 def test_edge_texts_match_sentencepiece(glm3, sp):
-    ours = glm3(EDGE_TEXTS, add_special_tokens=False)["input_ids"]
+    # split_special_tokens=True: control-token strings are text, as SentencePiece sees them
+    ours = glm3(EDGE_TEXTS, add_special_tokens=False, split_special_tokens=True)["input_ids"]
     for text, ids in zip(EDGE_TEXTS, ours):
         assert ids == sp.encode(text), text
         if "▁" not in text:  # SentencePiece reads U+2581 as a space
-            assert glm3.decode(glm3.encode(text), skip_special_tokens=True) == text
+            assert glm3.decode(glm3.encode(text, split_special_tokens=True), skip_special_tokens=True) == text
 
 
 def test_mixed_corpus_matches_sentencepiece(glm3, sp):
@@ -143,18 +144,21 @@ def test_mixed_corpus_matches_sentencepiece(glm3, sp):
     for doc, ids in zip(docs, ours):
         assert ids == [64790, 64792] + sp.encode(doc), doc[:200]
     assert glm3.batch_decode(ours, skip_special_tokens=True) == docs
-    # The offset-free batch path gives the same ids, control-token strings in text included.
+    # The offset-free batch path gives the same ids; split_special_tokens=True keeps control strings as text.
     docs.append("<|assistant|> typed [gMASK] sop")
-    assert glm3.encode_batch_ids(docs) == [[64790, 64792] + sp.encode(doc) for doc in docs]
-    assert glm3.encode_batch_ids(docs, add_special_tokens=False) == [sp.encode(doc) for doc in docs]
+    assert glm3.encode_batch_ids(docs, split_special_tokens=True) == [[64790, 64792] + sp.encode(d) for d in docs]
+    assert glm3.encode_batch_ids(docs, add_special_tokens=False, split_special_tokens=True) == \
+        [sp.encode(doc) for doc in docs]
+    assert glm3.encode_batch_ids(docs) == glm3(docs)["input_ids"]  # the defaults: control strings are controls
+    assert glm3.encode_batch_ids(docs)[-1][2] == glm3.get_command("<|assistant|>")
 
 
 @settings(max_examples=300, deadline=None)
 @given(text=ANY_TEXT)
 def test_fuzz_matches_sentencepiece_and_round_trips(glm3, sp, text):
-    assert glm3.encode(text, add_special_tokens=False) == sp.encode(text)
+    assert glm3.encode(text, add_special_tokens=False, split_special_tokens=True) == sp.encode(text)
     if "▁" not in text:
-        assert glm3.decode(glm3.encode(text), skip_special_tokens=True) == text
+        assert glm3.decode(glm3.encode(text, split_special_tokens=True), skip_special_tokens=True) == text
 
 
 def test_large_text_is_cut_into_short_words(glm3, sp):
@@ -167,17 +171,19 @@ def test_large_text_is_cut_into_short_words(glm3, sp):
     assert glm3.encode(text, add_special_tokens=False) == sp.encode(text)
 
 
-def test_control_token_strings_in_text_stay_text(glm3, sp):
+def test_control_token_strings_in_text(glm3, sp):
     text = "<|user|>[gMASK]sop Aesop <|assistant|>"
-    assert glm3.encode(text) == [64790, 64792] + sp.encode(text)
-    assert glm3.decode(glm3.encode(text), skip_special_tokens=True) == text
-    # Engines that tokenize a rendered prompt themselves turn control-token matching on ...
+    # split_special_tokens=True: text is text, as SentencePiece encodes it
+    assert glm3.encode(text, split_special_tokens=True) == [64790, 64792] + sp.encode(text)
+    assert glm3.decode(glm3.encode(text, split_special_tokens=True), skip_special_tokens=True) == text
+    # The default, as engines assume: a rendered prompt encodes to the prompt's ids ...
+    assert glm3.split_special_tokens is False
     rendered = glm3.apply_chat_template([{"role": "user", "content": "你好"}], add_generation_prompt=True,
                                         tokenize=False)
     assert rendered == "[gMASK]sop<|user|>\n 你好<|assistant|>"
-    assert glm3.encode(rendered, add_special_tokens=False, split_special_tokens=False) == GLM3_PROMPT
+    assert glm3.encode(rendered, add_special_tokens=False) == GLM3_PROMPT
     # ... where "sop" still only matches as a whole word
-    assert glm3.encode("Aesop", add_special_tokens=False, split_special_tokens=False) == sp.encode("Aesop")
+    assert glm3.encode("Aesop", add_special_tokens=False) == sp.encode("Aesop")
 
 
 def test_non_strings_raise_type_error_naming_the_type(trained):
@@ -221,7 +227,7 @@ def test_build_chat_input_renders_history_like_the_original(glm3, sp):
     expected = [64790, 64792]
     expected += message_ids(sp, "system", "", "你是助手\n" + json.dumps(TOOLS, indent=4, ensure_ascii=False))
     expected += message_ids(sp, "user", "", "北京天气")
-    expected += message_ids(sp, "assistant", "get_weather", "```python\ntool_call(city='北京', days=3)\n```")
+    expected += message_ids(sp, "assistant", "get_weather", '```python\ntool_call(city="北京", days=3)\n```')
     expected += message_ids(sp, "observation", "", '{"temperature": 20}')
     expected += message_ids(sp, "assistant", "", "北京 20 度")
     expected += message_ids(sp, "user", "", "谢谢") + [64796]
@@ -230,11 +236,14 @@ def test_build_chat_input_renders_history_like_the_original(glm3, sp):
 
 
 def test_format_tool_call():
-    assert tg.format_tool_call("f", {"a": 1, "b": "x", "c": [None, True]}) == (
-        "f", "```python\ntool_call(a=1, b='x', c=[None, True])\n```")
+    assert tg.format_tool_call("f", {"a": 1, "b": "x", "c": [None, True], "d": {"k": 0.5}}) == (
+        "f", '```python\ntool_call(a=1, b="x", c=[None, True], d={"k": 0.5})\n```')
     assert tg.format_tool_call("f", {"city": "北京"}, glm4=True) == ("f", '{"city": "北京"}')
     assert tg.format_tool_call("f", {}) == ("f", "```python\ntool_call()\n```")
-    for name, parameters in (("", {}), ("f", [1]), ("f", {"not valid": 1})):
+    assert tg.format_tool_call("f", '{"a": 1}') == ("f", "```python\ntool_call(a=1)\n```")  # OpenAI's string form
+    assert tg.format_tool_call("f", '{"a":1}', glm4=True) == ("f", '{"a":1}')  # kept as written
+    for name, parameters in (("", {}), ("f", [1]), ("f", {"not valid": 1}), ("f", {"x": {1, 2}}), ("f", "{bad"),
+                             ("f", {"x": float("nan")})):
         with pytest.raises(ValueError):
             tg.format_tool_call(name, parameters)
 
@@ -296,8 +305,8 @@ def test_chat_template_survives_save_and_batches(glm3, tmp_path):
     second = glm3.apply_chat_template(chats[1], add_generation_prompt=True, return_dict=False)
     assert batch["attention_mask"].sum(1).tolist() == [8, len(second)]
     assert batch["input_ids"][1].tolist() == second
-    with pytest.raises(ValueError, match="system message"):
-        glm3.apply_chat_template(chats[0], tools=TOOLS)
+    with pytest.raises(ValueError, match="tools are given twice"):
+        glm3.apply_chat_template([{"role": "system", "content": "s", "tools": TOOLS}], tools=TOOLS)
 
 
 @pytest.mark.parametrize("family", ["glm3", "glm4", "trained"])
@@ -339,18 +348,19 @@ def test_glm4_prompt_format(glm4, tiktoken_encoding):
 
 def test_glm4_corpus_matches_tiktoken(glm4, tiktoken_encoding):
     docs = [mixed_text(random.Random(i).randint(1, 2000), seed=1000 + i) for i in range(200)] + EDGE_TEXTS
-    for doc, ids in zip(docs, glm4(docs, add_special_tokens=False)["input_ids"]):
+    for doc, ids in zip(docs, glm4(docs, add_special_tokens=False, split_special_tokens=True)["input_ids"]):
         assert ids == tiktoken_encoding.encode(doc, disallowed_special=()), doc[:200]
         assert glm4.decode(ids) == doc
     expected = [tiktoken_encoding.encode(doc, disallowed_special=()) for doc in docs]
-    assert glm4.encode_batch_ids(docs, add_special_tokens=False) == expected
+    assert glm4.encode_batch_ids(docs, add_special_tokens=False, split_special_tokens=True) == expected
 
 
 @settings(max_examples=300, deadline=None)
 @given(text=ANY_TEXT)
 def test_glm4_fuzz_matches_tiktoken_and_round_trips(glm4, tiktoken_encoding, text):
-    assert glm4.encode(text, add_special_tokens=False) == tiktoken_encoding.encode(text, disallowed_special=())
-    assert glm4.decode(glm4.encode(text), skip_special_tokens=True) == text
+    ours = glm4.encode(text, add_special_tokens=False, split_special_tokens=True)
+    assert ours == tiktoken_encoding.encode(text, disallowed_special=())
+    assert glm4.decode(glm4.encode(text, split_special_tokens=True), skip_special_tokens=True) == text
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -470,9 +480,7 @@ print(json.dumps(out))
 
 def test_save_load_round_trip_through_auto_tokenizer(glm4_folder, trained, tmp_path):
     # Folders as the Hub repos have them: the original tokenizer.model, this file, a config naming it.
-    originals = {"glm4": glm4_folder[0] / "tokenizer.model"}
-    if (REFERENCE / "chatglm3-6b" / "tokenizer.model").exists():  # else GLM-4 and the trained tokenizer only
-        originals["glm3"] = REFERENCE / "chatglm3-6b" / "tokenizer.model"
+    originals = {"glm4": glm4_folder[0] / "tokenizer.model", "glm3": reference_file("chatglm3-6b", "tokenizer.model")}
     folders = []
     for name, model_file in originals.items():
         original = tmp_path / f"{name}-original"
