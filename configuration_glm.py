@@ -28,6 +28,11 @@ AUTO_MAP = {
 }
 
 
+# THUDM/chatglm3-6b's values of the keys that have a standard alias (the other defaults are in __init__).
+CHATGLM3_DEFAULTS = dict(num_layers=28, padded_vocab_size=65024, ffn_hidden_size=13696, kv_channels=128,
+                         seq_length=8192, layernorm_epsilon=1e-5, multi_query_group_num=2)
+
+
 class ChatGLMConfig(PretrainedConfig):
     r"""Configuration of a GLM model; defaults are those of THUDM/chatglm3-6b.
 
@@ -65,17 +70,17 @@ class ChatGLMConfig(PretrainedConfig):
 
     def __init__(
         self,
-        num_layers=28,
-        padded_vocab_size=65024,
+        num_layers=None,
+        padded_vocab_size=None,
         hidden_size=4096,
-        ffn_hidden_size=13696,
-        kv_channels=128,
+        ffn_hidden_size=None,
+        kv_channels=None,
         num_attention_heads=32,
-        seq_length=8192,
+        seq_length=None,
         hidden_dropout=0.0,
         classifier_dropout=None,
         attention_dropout=0.0,
-        layernorm_epsilon=1e-5,
+        layernorm_epsilon=None,
         rope_ratio=1,
         rmsnorm=True,
         apply_residual_connection_post_layernorm=False,
@@ -84,7 +89,7 @@ class ChatGLMConfig(PretrainedConfig):
         add_qkv_bias=True,
         bias_dropout_fusion=True,
         multi_query_attention=True,
-        multi_query_group_num=2,
+        multi_query_group_num=None,
         apply_query_key_layer_scaling=True,
         attention_softmax_in_fp32=True,
         fp32_residual_connection=False,
@@ -98,19 +103,29 @@ class ChatGLMConfig(PretrainedConfig):
         pad_token_id=0,
         **kwargs,
     ):
-        # glm-4 configs write num_hidden_layers beside num_layers; both name the same number.
-        num_layers = kwargs.pop("num_hidden_layers", num_layers)
-        self.num_layers = num_layers
-        self.padded_vocab_size = padded_vocab_size
+        # The standard names (which every saved config.json also carries, and glm-4's published one has for
+        # num_hidden_layers) are aliases: given with the original key they must agree, alone they stand for it.
+        given = dict(num_layers=num_layers, padded_vocab_size=padded_vocab_size, ffn_hidden_size=ffn_hidden_size,
+                     kv_channels=kv_channels, seq_length=seq_length, layernorm_epsilon=layernorm_epsilon,
+                     multi_query_group_num=multi_query_group_num)
+        for alias, key in self.attribute_map.items():
+            alias_value = kwargs.pop(alias, None)
+            if given[key] is not None and alias_value is not None and alias_value != given[key]:
+                raise ValueError(f"ChatGLMConfig: {key}={given[key]!r} and {alias}={alias_value!r} disagree; they "
+                                 f"name the same value (edit both, or remove {alias})")
+            given[key] = given[key] if given[key] is not None else alias_value
+            given[key] = given[key] if given[key] is not None else CHATGLM3_DEFAULTS[key]
+        self.num_layers = given["num_layers"]
+        self.padded_vocab_size = given["padded_vocab_size"]
         self.hidden_size = hidden_size
-        self.ffn_hidden_size = ffn_hidden_size
-        self.kv_channels = kv_channels
+        self.ffn_hidden_size = given["ffn_hidden_size"]
+        self.kv_channels = given["kv_channels"]
         self.num_attention_heads = num_attention_heads
-        self.seq_length = seq_length
+        self.seq_length = given["seq_length"]
         self.hidden_dropout = hidden_dropout
         self.classifier_dropout = classifier_dropout
         self.attention_dropout = attention_dropout
-        self.layernorm_epsilon = layernorm_epsilon
+        self.layernorm_epsilon = given["layernorm_epsilon"]
         self.rope_ratio = rope_ratio
         self.rmsnorm = rmsnorm
         self.apply_residual_connection_post_layernorm = apply_residual_connection_post_layernorm
@@ -119,7 +134,7 @@ class ChatGLMConfig(PretrainedConfig):
         self.add_qkv_bias = add_qkv_bias
         self.bias_dropout_fusion = bias_dropout_fusion
         self.multi_query_attention = multi_query_attention
-        self.multi_query_group_num = multi_query_group_num
+        self.multi_query_group_num = given["multi_query_group_num"]
         self.apply_query_key_layer_scaling = apply_query_key_layer_scaling
         self.attention_softmax_in_fp32 = attention_softmax_in_fp32
         self.fp32_residual_connection = fp32_residual_connection
@@ -175,9 +190,12 @@ class ChatGLMConfig(PretrainedConfig):
                 )
 
     def to_dict(self):
-        """The config as a dict; also writes `num_hidden_layers` (glm-4 files carry it, engines read it) and our
-        `auto_map`, so a saved folder loads with trust_remote_code."""
+        """The config as a dict: the original keys, the standard names beside them (`num_hidden_layers`,
+        `num_key_value_heads`, `head_dim`, `intermediate_size`, `vocab_size`, `max_position_embeddings`,
+        `rms_norm_eps`: what peft, llama.cpp's converter and other generic tools read) and our `auto_map`, so a saved
+        folder loads with trust_remote_code."""
         output = super().to_dict()
-        output["num_hidden_layers"] = self.num_layers
+        for alias, key in self.attribute_map.items():
+            output[alias] = output[key]
         output["auto_map"] = dict(AUTO_MAP)
         return output

@@ -189,6 +189,40 @@ def _write_folder(state_dict, config, dst: Path, src: Path, max_shard_size="5GB"
             shutil.copy2(file, dst / file.name)
 
 
+def _load_our_tokenizer(src: Path):
+    """The GLM tokenizer of a folder (tokenizer.json, or the original tokenizer.model), or None if it has none."""
+    from local_glm import glm
+
+    files = {name: src / name for name in ("tokenizer.json", "tokenizer.model") if (src / name).exists()}
+    if not files:
+        return None
+    return glm.ChatGLMTokenizer(tokenizer_file=str(files["tokenizer.json"]) if "tokenizer.json" in files else None,
+                                vocab_file=str(files["tokenizer.model"]) if "tokenizer.model" in files else None)
+
+
+def write_native_tokenizer(src: Path, dst: Path, seq_length: int) -> None:
+    """dst's tokenizer as a plain `PreTrainedTokenizerFast` (tokenizer.json + tokenizer_config.json with the chat
+    template), which `AutoTokenizer.from_pretrained(dst)` loads with no remote code and whose `apply_chat_template`
+    gives our ids."""
+    from transformers import PreTrainedTokenizerFast
+
+    ours = _load_our_tokenizer(src)
+    if ours is None:
+        return
+    for stale in ("tokenizer_config.json", "tokenizer.json", "tokenization_glm.py", "special_tokens_map.json"):
+        (dst / stale).unlink(missing_ok=True)
+    plain = PreTrainedTokenizerFast(
+        tokenizer_object=ours.backend_tokenizer, eos_token=ours.eos_token, pad_token=ours.pad_token,
+        unk_token=ours.unk_token, padding_side="left", chat_template=ours.chat_template, model_max_length=seq_length,
+        clean_up_tokenization_spaces=False, split_special_tokens=False,
+    )
+    plain.save_pretrained(str(dst))
+    config_file = dst / "tokenizer_config.json"
+    values = json.loads(config_file.read_text())
+    values["tokenizer_class"] = "PreTrainedTokenizerFast"  # the name 4.x and 5.x both know (5.x also saves another)
+    config_file.write_text(json.dumps(values, indent=2, ensure_ascii=False) + "\n")
+
+
 def convert_checkpoint(src, dst, to: str) -> None:
     """Convert the checkpoint folder `src` into `dst`; `to` is "native" (GlmForCausalLM) or "glm" (ours)."""
     src, dst = Path(src), Path(dst)
@@ -200,6 +234,7 @@ def convert_checkpoint(src, dst, to: str) -> None:
         native = glm_config_to_native(config)
         native.architectures = ["GlmForCausalLM"]
         _write_folder(glm_to_native_state_dict(_read_state_dict(src), config), native, dst, src)
+        write_native_tokenizer(src, dst, config.seq_length)
     elif to == "glm":
         from transformers import GlmConfig
 
@@ -209,6 +244,11 @@ def convert_checkpoint(src, dst, to: str) -> None:
         config = native_config_to_glm(native, ChatGLMConfig)
         config.architectures = ["ChatGLMForConditionalGeneration"]
         _write_folder(native_to_glm_state_dict(_read_state_dict(src), config.num_layers), config, dst, src)
+        tokenizer = _load_our_tokenizer(src)
+        if tokenizer is not None:  # our tokenizer class again, with auto_map, for build_chat_input and chat()
+            (dst / "tokenizer_config.json").unlink(missing_ok=True)
+            tokenizer.model_max_length = config.seq_length
+            tokenizer.save_pretrained(str(dst))
         from local_glm import CODE_FILES, ROOT
 
         for code in CODE_FILES:

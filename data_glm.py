@@ -3,8 +3,9 @@
 Two modes:
 - pretraining: a text column, tokenized once with `datasets.map` and packed into `block_size` blocks (every token
   is a target);
-- SFT: a conversations column in the ChatGLM3 format (system with tools, user, assistant, tool calls, observation),
-  tokenized with `tokenizer.tokenize_conversation`, which sets the labels of everything except assistant replies (and
+- SFT: a conversations column (`conversations` or `messages`) in the ChatGLM3 format (system with tools, user,
+  assistant, tool calls, observation) or OpenAI's (assistant `tool_calls` with `content: null`, role `tool`, a
+  `tools` column), tokenized with `tokenizer.tokenize_conversation`, which sets the labels of everything except assistant replies (and
   the stop token after each) to -100.
 
 Example:
@@ -103,14 +104,28 @@ def skill_splits(n_train: int = 20000, n_heldout: int = 200, seed: int = 0, tool
 
 
 def conversation_texts(rows, column: str = "conversations"):
-    """Every string a conversation's tokens come from (contents, metadata, tool JSON): a tokenizer-training corpus."""
-    for row in rows:
-        for message in _drop_nulls(row[column]):
-            yield message.get("content") or ""
-            if message.get("metadata"):
-                yield message["metadata"]
-            if message.get("tools"):
-                yield json.dumps(message["tools"], indent=4, ensure_ascii=False)
+    """Every string a conversation's tokens come from (contents, metadata, tool JSON, rendered tool calls): a
+    tokenizer-training corpus. Any format tokenize_conversation takes (ChatGLM3's, OpenAI's)."""
+    for index, row in enumerate(rows):
+        for _, metadata, content in _chat_parts(row, column, index):
+            yield content
+            if metadata:
+                yield metadata
+
+
+def _row_tools(row):
+    """A row's `tools` column (TRL's convention: a list, or its JSON text), or None."""
+    tools = row.get("tools")
+    return json.loads(tools) if isinstance(tools, str) else _drop_nulls(tools)
+
+
+def _chat_parts(row, column, index):
+    from local_glm import glm
+
+    try:
+        return glm.tokenization.chat_parts(_drop_nulls(row[column]), _row_tools(row))
+    except ValueError as error:
+        raise ValueError(f"malformed conversation in row {index}: {error}") from None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -171,6 +186,18 @@ def carve_validation(raw, percentage: int, seed: int):
     return datasets.DatasetDict({"train": split["train"], "validation": split["test"]})
 
 
+# Where conversations are found when --conversations_column is not given: ChatGLM3 datasets' name, then OpenAI's / TRL's.
+CONVERSATION_COLUMNS = ("conversations", "messages")
+
+
+def find_conversations_column(column_names, requested=None):
+    """The conversations column: `requested` (--conversations_column), else the first of CONVERSATION_COLUMNS in
+    the data (else "conversations", for detect_mode's message)."""
+    if requested is not None:
+        return requested
+    return next((name for name in CONVERSATION_COLUMNS if name in (column_names or [])), CONVERSATION_COLUMNS[0])
+
+
 def detect_mode(column_names, text_column: str, conversations_column: str, mode: str = "auto") -> str:
     """'pretrain' or 'sft' from the requested mode or the columns present; names the column that is missing."""
     columns = list(column_names or [])
@@ -215,7 +242,7 @@ def tokenize_sft(dataset, tokenizer, conversations_column: str, block_size: int,
     def tokenize(row, index):
         messages = _drop_nulls(row[conversations_column])
         try:
-            encoded = tokenizer.tokenize_conversation(messages, max_length=block_size)
+            encoded = tokenizer.tokenize_conversation(messages, max_length=block_size, tools=_row_tools(row))
         except (ValueError, KeyError, TypeError) as error:
             raise ValueError(f"malformed conversation in row {index}: {error}") from None
         check_conversation(messages, index)

@@ -2,9 +2,12 @@
 
 `ChatGLMTokenizer` wraps a `tokenizers.Tokenizer` and gives the ids of the original tokenizers: the SentencePiece model
 of ChatGLM2/3 and the tiktoken ranks of GLM-4. It loads `tokenizer.json`, or converts the original `tokenizer.model`
-(the format is read from the file's content). Text is always text: control-token strings inside a string
-("<|user|>", "sop") encode as ordinary characters, exactly as `sentencepiece.encode` / `tiktoken.encode` do; control
-tokens come only from the chat functions (`build_chat_input`, `tokenize_conversation`, `apply_chat_template`).
+(the format is read from the file's content). Like every Hub tokenizer, `tokenizer(text)` turns control-token
+strings ("<|user|>") into control tokens (split_special_tokens=False), so a chat rendered to text by
+`apply_chat_template(..., tokenize=False)` encodes to the prompt's ids wherever it is tokenized (engines, eval
+harnesses, a plain `PreTrainedTokenizerFast`). The chat functions (`build_chat_input`, `tokenize_conversation`,
+`apply_chat_template(tokenize=True)`, and so `model.chat`) keep control strings typed inside messages as text;
+`tokenizer(text, split_special_tokens=True)` does the same for plain text, as `sentencepiece.encode` does.
 
     >>> tokenizer = AutoTokenizer.from_pretrained("path/to/chatglm3-6b", trust_remote_code=True)
     >>> tokenizer.encode("你好")
@@ -15,17 +18,29 @@ tokens come only from the chat functions (`build_chat_input`, `tokenize_conversa
 
 import base64
 import codecs
+import contextlib
 import inspect
 import json
+import math
 import os
 import re
 import shutil
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import BatchEncoding, PreTrainedTokenizerFast
+from transformers.utils.chat_template_utils import render_jinja_template
+
+# In try: transformers' trust_remote_code import check skips it (jinja2 comes with transformers' chat templates).
+try:
+    from jinja2 import TemplateError as _TemplateError
+except ImportError:
+    _TemplateError = ValueError
 
 ROLES = ("system", "user", "assistant", "observation")
 IGNORE_INDEX = -100  # label of positions the loss skips (the cross-entropy default)
+# from_pretrained options that transformers 5 keeps among a tokenizer's init kwargs; a saved folder holds none.
+LOAD_TIME_KEYS = ("is_local", "local_files_only", "cache_dir", "force_download", "proxies", "token", "revision",
+                  "subfolder", "trust_remote_code", "_commit_hash", "use_auth_token")
 
 # ChatGLM2/3: SentencePiece pieces first (<unk> <s> </s>, 256 byte pieces, learned pieces), then these nine.
 GLM3_CONTROL_TOKENS = (
@@ -47,6 +62,11 @@ _MARK = "\ue000"  # private-use character that marks a control-token string from
 _TIKTOKEN_FIRST_LINE = re.compile(rb"[A-Za-z0-9+/]+={0,2} \d+\r?\n")
 
 
+class ChatFormatError(ValueError, *((_TemplateError,) if _TemplateError is not ValueError else ())):
+    """A conversation the GLM chat format cannot render. A ValueError, and a jinja2 TemplateError (what the
+    template's raise_exception raises), so callers that probe templates (TRL) catch it either way."""
+
+
 def _family(glm4):
     """The facts that differ between ChatGLM2/3 and GLM-4 tokenizers."""
     if glm4:
@@ -54,47 +74,147 @@ def _family(glm4):
     return dict(prefix=("[gMASK]", "sop"), eos="</s>", pad="<unk>", unk="<unk>", bos="<s>")
 
 
+# The template's Jinja, written once for both families: PREFIX, EOS and the two family-specific pieces are filled
+# in by chat_template(). Each rendered message is <|role|> + metadata + "\n" + content; every assistant output (its
+# metadata line and content, the role token of the message after it, the final eos) is inside {% generation %}, so
+# return_assistant_tokens_mask gives tokenize_conversation's labels.
+_TEMPLATE = """
+{%- macro py_value(v) -%}
+  {%- if v is none -%}None
+  {%- elif v is boolean -%}{{ 'True' if v else 'False' }}
+  {%- elif v is string or v is number -%}{{ v | tojson }}
+  {%- elif v is mapping -%}{{ '{' }}{%- for k, x in v.items() -%}{{ k | tojson }}: {{ py_value(x) }}{{ ', ' if not loop.last }}{%- endfor -%}{{ '}' }}
+  {%- elif v is iterable -%}[{%- for x in v -%}{{ py_value(x) }}{{ ', ' if not loop.last }}{%- endfor -%}]
+  {%- else -%}{{ raise_exception('tool call arguments must be JSON values') }}
+  {%- endif -%}
+{%- endmacro -%}
+{%- set ns = namespace(parts=[], prev='') -%}
+{%- if tools -%}
+  {%- if messages and messages[0]['role'] == 'system' -%}
+    {%- if messages[0]['tools'] is defined and messages[0]['tools'] -%}
+      {{- raise_exception('tools are given twice: in tools= and in the system message') -}}
+    {%- endif -%}
+    {%- set messages = [dict(messages[0], tools=tools)] + messages[1:] -%}
+  {%- else -%}
+    {%- set messages = [{'role': 'system', 'content': tools | tojson(indent=4)}] + messages -%}
+  {%- endif -%}
+{%- endif -%}
+{%- for message in messages -%}
+  {%- set role = 'observation' if message['role'] == 'tool' else message['role'] -%}
+  {%- if role not in ['system', 'user', 'assistant', 'observation'] -%}
+    {{- raise_exception('unknown role: ' ~ message['role']) -}}
+  {%- endif -%}
+  {%- set content = message['content'] if message['content'] is defined and message['content'] is not none else '' -%}
+  {%- if role == 'observation' and content is not string -%}{%- set content = content | tojson -%}{%- endif -%}
+  {%- if content is not string -%}
+    {{- raise_exception('content must be a string (tool calls go in tool_calls)') -}}
+  {%- endif -%}
+  {%- if role == 'system' and message['tools'] is defined and message['tools'] is not none -%}
+    {%- set content = content ~ '\\n' ~ (message['tools'] | tojson(indent=4)) -%}
+  {%- endif -%}
+  {%- set metadata = message['metadata'] if message['metadata'] is defined and message['metadata'] else '' -%}
+  {%- set calls = message['tool_calls'] if role == 'assistant' and message['tool_calls'] is defined and message['tool_calls'] else [] -%}
+  {%- if not calls or content or metadata -%}
+    {%- set ns.parts = ns.parts + [[role, metadata, content]] -%}
+  {%- endif -%}
+  {%- for call in calls -%}
+    {%- set function = call['function'] if call['function'] is defined else call -%}
+    {%- set arguments = function['arguments'] if function['arguments'] is defined else {} -%}
+    TOOL_CALL
+    {%- set ns.parts = ns.parts + [['assistant', function['name'], body]] -%}
+  {%- endfor -%}
+{%- endfor -%}
+{{- PREFIX -}}
+{%- for role, metadata, content in ns.parts -%}
+  {%- if ns.prev == 'assistant' -%}
+    {%- generation -%}{{- '<|' ~ role ~ '|>' -}}{%- endgeneration -%}
+  {%- else -%}
+    {{- '<|' ~ role ~ '|>' -}}
+  {%- endif -%}
+  {%- if role == 'assistant' -%}
+    {%- generation -%}{{- metadata ~ '\\n' -}}CONTENT{%- endgeneration -%}
+  {%- else -%}
+    {{- metadata ~ '\\n' -}}CONTENT
+  {%- endif -%}
+  {%- set ns.prev = role -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+  {%- if ns.prev == 'assistant' -%}
+    {%- generation -%}{{- '<|assistant|>' -}}{%- endgeneration -%}
+  {%- else -%}
+    {{- '<|assistant|>' -}}
+  {%- endif -%}
+{%- elif ns.prev == 'assistant' -%}
+  {%- generation -%}{{- EOS -}}{%- endgeneration -%}
+{%- endif -%}
+"""
+_GLM3_TOOL_CALL = """
+    {%- if arguments is string -%}
+      {{- raise_exception('ChatGLM3 tool calls need arguments as a dict, not a JSON string') -}}
+    {%- endif -%}
+    {%- set call_ns = namespace(text='') -%}
+    {%- for key, value in arguments.items() -%}
+      {%- set call_ns.text = call_ns.text ~ (', ' if not loop.first else '') ~ key ~ '=' ~ py_value(value) -%}
+    {%- endfor -%}
+    {%- set body = '```python\\ntool_call(' ~ call_ns.text ~ ')\\n```' -%}"""
+_GLM4_TOOL_CALL = "{%- set body = arguments if arguments is string else arguments | tojson -%}"
+
+
 def chat_template(glm4=False):
     """The Jinja chat template, rendering the same text that `ChatGLMTokenizer.build_chat_input` encodes.
 
     A message is `<|role|>` + metadata + "\\n" + content. ChatGLM3 encodes metadata + "\\n" and the content
     separately, each with SentencePiece's dummy prefix; in one text, the " " written before a non-empty content is
-    that prefix, so the text encodes to the same ids. GLM-4 has no dummy prefix.
+    that prefix, so the text encodes to the same ids. GLM-4 has no dummy prefix. Besides the GLM message format it
+    takes the transformers conventions: `tools=` (added to the system message, or as one), OpenAI's role `tool`
+    (an observation) and assistant `tool_calls` (each rendered as the family's tool-call message). A conversation
+    that ends with an assistant message ends with eos, and assistant output is marked with `{% generation %}`.
 
-        >>> chat_template()[:20]
-        "{{- '[gMASK]sop' -}}"
+        >>> chat_template()[-30:]
+        "{%- endgeneration -%}{%- endif -%}"
     """
-    prefix = "".join(_family(glm4)["prefix"])
+    family = _family(glm4)
     content = "{{- content -}}" if glm4 else "{%- if content -%}{{- ' ' ~ content -}}{%- endif -%}"
-    return (
-        f"{{{{- '{prefix}' -}}}}"
-        "{%- for message in messages -%}"
-        "{%- if message['role'] not in ['system', 'user', 'assistant', 'observation'] -%}"
-        "{{- raise_exception('unknown role: ' ~ message['role']) -}}{%- endif -%}"
-        "{%- if message['content'] is not string -%}"
-        "{{- raise_exception('content must be a string; render tool calls with format_tool_call') -}}{%- endif -%}"
-        "{%- set content = message['content'] -%}"
-        "{%- if message['role'] == 'system' and message['tools'] is defined and message['tools'] is not none -%}"
-        "{%- set content = content ~ '\\n' ~ (message['tools'] | tojson(indent=4)) -%}{%- endif -%}"
-        "{{- '<|' ~ message['role'] ~ '|>' ~ (message['metadata'] or '') ~ '\\n' -}}"
-        f"{content}"
-        "{%- endfor -%}"
-        "{%- if add_generation_prompt -%}{{- '<|assistant|>' -}}{%- endif -%}"
-    )
+    template = (_TEMPLATE.replace("TOOL_CALL", (_GLM4_TOOL_CALL if glm4 else _GLM3_TOOL_CALL).strip())
+                .replace("PREFIX", repr("".join(family["prefix"]))).replace("EOS", repr(family["eos"]))
+                .replace("CONTENT", content))
+    # One line: whitespace between tags is trimmed anyway, and a saved tokenizer_config.json stays compact.
+    return "".join(line.strip() for line in template.strip().splitlines())
+
+
+def _py_literal(value):
+    """A JSON value written as a Python literal whose strings are JSON strings (what the template's py_value
+    writes): tool_call(city="北京", days=3, ok=True, x=None)."""
+    if value is None or isinstance(value, bool):
+        return repr(value)
+    if isinstance(value, (str, int)) or (isinstance(value, float) and math.isfinite(value)):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, dict) and all(isinstance(key, str) for key in value):
+        return "{" + ", ".join(f"{json.dumps(k, ensure_ascii=False)}: {_py_literal(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_py_literal(v) for v in value) + "]"
+    raise ValueError(f"tool call arguments must be JSON values, got {type(value).__name__} {value!r:.40}")
 
 
 def format_tool_call(name, parameters, glm4=False):
-    """Render a parsed tool call back into the (metadata, content) that the model wrote.
+    """Render a tool call into the (metadata, content) of the family's tool-call message.
 
-    ChatGLM3 writes a Python call in a fenced block (each value as a Python literal), GLM-4 writes JSON.
+    ChatGLM3 writes a Python call in a fenced block (each value a Python literal, strings as JSON strings), GLM-4
+    writes the JSON object. `parameters` is a dict, or (OpenAI's form) a string holding a JSON object.
 
         >>> format_tool_call("get_weather", {"city": "北京", "days": 3})
-        ('get_weather', "```python\\ntool_call(city='北京', days=3)\\n```")
+        ('get_weather', '```python\\ntool_call(city="北京", days=3)\\n```')
         >>> format_tool_call("get_weather", {"city": "北京"}, glm4=True)
         ('get_weather', '{"city": "北京"}')
     """
     if not isinstance(name, str) or not name:
         raise ValueError(f"a tool call needs a non-empty string name, got {name!r}")
+    if isinstance(parameters, str):
+        if glm4:
+            if not isinstance(_json_object(parameters), dict):
+                raise ValueError(f"tool call arguments must be a JSON object, got {parameters!r:.60}")
+            return name, parameters  # as written, so the text equals what the template renders
+        parameters = _json_object(parameters)
     if not isinstance(parameters, dict):
         raise ValueError(f"tool call parameters must be a dict, got {type(parameters).__name__}")
     if glm4:
@@ -102,8 +222,126 @@ def format_tool_call(name, parameters, glm4=False):
     for key in parameters:
         if not (isinstance(key, str) and key.isidentifier()):
             raise ValueError(f"tool call parameter names must be Python identifiers, got {key!r}")
-    arguments = ", ".join(f"{key}={value!r}" for key, value in parameters.items())
+    arguments = ", ".join(f"{key}={_py_literal(value)}" for key, value in parameters.items())
     return name, f"```python\ntool_call({arguments})\n```"
+
+
+def _json_object(text):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"tool call arguments are not valid JSON ({error}): {text!r:.60}") from None
+
+
+def _tool_call_fields(call):
+    """(name, arguments) of one OpenAI-style tool call: {"type": "function", "function": {"name", "arguments"}},
+    or {"name", "arguments"}."""
+    if not isinstance(call, dict):
+        raise ValueError(f"a tool call must be a dict, got {type(call).__name__}")
+    function = call.get("function", call)
+    if not isinstance(function, dict):
+        raise ValueError(f"a tool call's 'function' must be a dict, got {type(function).__name__}")
+    return function.get("name"), function.get("arguments", {})
+
+
+def _format_message(index, message, glm4):
+    """One message as the [(role, metadata, content)] it renders to: a system message's tools appended to its
+    content, role `tool` as an observation, a parsed reply dict or each OpenAI tool call as a tool-call message."""
+    if not isinstance(message, dict):
+        raise ChatFormatError(f"message {index}: expected a dict, got {type(message).__name__}")
+    role, content, metadata = message.get("role"), message.get("content"), message.get("metadata") or ""
+    role = "observation" if role == "tool" else role
+    if role not in ROLES:
+        raise ChatFormatError(f"message {index}: unknown role {message.get('role')!r}, expected one of "
+                              f"{ROLES + ('tool',)}")
+    if not isinstance(metadata, str):
+        raise ChatFormatError(f"message {index}: metadata must be a string, got {type(metadata).__name__}")
+    calls = message.get("tool_calls") if role == "assistant" else None
+    try:
+        if role == "assistant" and isinstance(content, dict):
+            # A reply that model.chat parsed: a tool call, or another channel's {"name", "content"}.
+            if "parameters" in content:
+                metadata, content = format_tool_call(content.get("name"), content["parameters"], glm4)
+            else:
+                metadata, content = content.get("name"), content.get("content")
+                if not (isinstance(metadata, str) and isinstance(content, str)):
+                    raise ValueError("a dict reply needs a 'name' and 'parameters' or 'content'")
+        if content is None and (calls or role == "observation"):
+            content = ""
+        if role == "observation" and isinstance(content, (dict, list)):
+            content = json.dumps(content, ensure_ascii=False)
+        if not isinstance(content, str):
+            raise ValueError(f"content must be a string, got {type(content).__name__}")
+        if role == "system" and message.get("tools") is not None:
+            content += "\n" + json.dumps(_tool_schemas(message["tools"]), indent=4, ensure_ascii=False)
+        if calls is not None and not isinstance(calls, (list, tuple)):
+            raise ValueError(f"tool_calls must be a list, got {type(calls).__name__}")
+        parts = [(role, metadata, content)] if not calls or content or metadata else []
+        for call in calls or ():
+            parts.append(("assistant", *format_tool_call(*_tool_call_fields(call), glm4=glm4)))
+    except ValueError as error:
+        raise ChatFormatError(f"message {index}: {error}") from None
+    return parts
+
+
+def _tool_schemas(tools):
+    """Tools as JSON: Python functions become their JSON schema, as transformers' apply_chat_template does."""
+    if not isinstance(tools, (list, tuple)):
+        raise ValueError(f"tools must be a list, got {type(tools).__name__}")
+    if any(callable(tool) for tool in tools):
+        from transformers.utils import get_json_schema
+
+        return [get_json_schema(tool) if callable(tool) else tool for tool in tools]
+    return list(tools)
+
+
+def chat_parts(messages, tools=None, glm4=False):
+    """A conversation checked and flattened into the [(role, metadata, content)] messages the chat template
+    renders (one place for the format; the tokenizer encodes these, train.py collects their text).
+
+    `tools` (the transformers `tools=` argument) go into the first system message (after its content and a
+    newline, as a system message's own `tools`), or make a system message of their own holding their JSON. Errors are `ChatFormatError` naming the message index.
+
+        >>> chat_parts([{"role": "user", "content": "hi"}, {"role": "assistant", "content": None,
+        ...             "tool_calls": [{"function": {"name": "f", "arguments": {"x": 1}}}]}])
+        [('user', '', 'hi'), ('assistant', 'f', '```python\\ntool_call(x=1)\\n```')]
+    """
+    if not isinstance(messages, (list, tuple)):
+        raise ChatFormatError(f"messages must be a list of dicts, got {type(messages).__name__}")
+    numbered = list(enumerate(messages))
+    if tools is not None:
+        first = messages[0] if messages else None
+        if isinstance(first, dict) and first.get("role") == "system":
+            if first.get("tools"):
+                raise ChatFormatError("tools are given twice: in tools= and in the system message")
+            numbered[0] = (0, {**first, "tools": tools})
+        else:
+            # A system message of its own holds just the tools' JSON.
+            schemas = json.dumps(_tool_schemas(tools), indent=4, ensure_ascii=False)
+            numbered.insert(0, ("tools=", {"role": "system", "content": schemas}))
+    return [part for index, message in numbered for part in _format_message(index, message, glm4)]
+
+
+def _template_messages(messages, glm4):
+    """The messages as the template takes them: our own reply dicts rendered to text, and (ChatGLM3) JSON-string
+    tool-call arguments parsed, so the Jinja template only meets the standard forms."""
+    prepared = []
+    for message in messages:
+        if isinstance(message, dict) and message.get("role") == "assistant":
+            message = dict(message)
+            if isinstance(message.get("content"), dict):
+                reply = _format_message(0, {**message, "tool_calls": None}, glm4)[0]
+                message["metadata"], message["content"] = reply[1], reply[2]
+            if message.get("tool_calls") and not glm4:
+                message["tool_calls"] = [
+                    {"function": {"name": name, "arguments": _json_object(arguments)
+                                  if isinstance(arguments, str) else arguments}}
+                    for name, arguments in map(_tool_call_fields, message["tool_calls"])
+                ]
+        if isinstance(message, dict) and message.get("role") == "system" and message.get("tools") is not None:
+            message = {**message, "tools": _tool_schemas(message["tools"])}
+        prepared.append(message)
+    return prepared
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -279,6 +517,17 @@ def _mark(obj, pattern):
     return obj
 
 
+def _overlap_mask(token_spans, generation_spans):
+    """1 for each token whose text overlaps a {% generation %} span, else 0 (both lists in text order)."""
+    mask, index = [], 0
+    for start, end in token_spans:
+        while index < len(generation_spans) and start >= generation_spans[index][1]:
+            index += 1
+        inside = index < len(generation_spans) and end > generation_spans[index][0]
+        mask.append(int(inside))
+    return mask
+
+
 # transformers 4.x returns a list of ids from apply_chat_template by default, 5.x a BatchEncoding: keep each one's.
 _RETURN_DICT_DEFAULT = inspect.signature(PreTrainedTokenizerFast.apply_chat_template).parameters["return_dict"].default
 
@@ -304,7 +553,9 @@ class ChatGLMTokenizer(PreTrainedTokenizerFast):
             tokenizer_object = convert_tokenizer_model(vocab_file)
             # The Hub's tokenizer_config.json lists some control tokens as plain text; the conversion defines them.
             kwargs.pop("added_tokens_decoder", None)
-        kwargs.setdefault("split_special_tokens", True)  # text is text, see the module docstring
+        # Rendered chat text tokenizes to control tokens, as engines and eval harnesses expect; our own chat paths
+        # keep control strings typed inside messages as text whatever this says (see the module docstring).
+        kwargs.setdefault("split_special_tokens", False)
         kwargs.setdefault("clean_up_tokenization_spaces", False)
         super().__init__(tokenizer_file=tokenizer_file, tokenizer_object=tokenizer_object, **kwargs)
         self.vocab_file = vocab_file
@@ -339,14 +590,30 @@ class ChatGLMTokenizer(PreTrainedTokenizerFast):
         _check_text(text)
         return super().encode(text, *args, **kwargs)
 
-    def _encode_texts(self, texts):
-        """Ids of each text, control-token strings as text and no prefix."""
+    @contextlib.contextmanager
+    def _plain_backend(self, encode_special_tokens):
+        """The backend with no padding or truncation (an earlier `tokenizer(..., padding=True)` or `truncation=True`
+        leaves them set on it) and the given control-token matching; restored afterwards."""
         backend = self.backend_tokenizer
-        before, backend.encode_special_tokens = backend.encode_special_tokens, True
+        padding, truncation, special = backend.padding, backend.truncation, backend.encode_special_tokens
+        backend.no_padding()
+        backend.no_truncation()
+        backend.encode_special_tokens = encode_special_tokens
         try:
-            return [encoding.ids for encoding in backend.encode_batch(texts, add_special_tokens=False)]
+            yield backend
         finally:
-            backend.encode_special_tokens = before
+            backend.encode_special_tokens = special
+            if padding is not None:
+                backend.enable_padding(**padding)
+            if truncation is not None:
+                backend.enable_truncation(**truncation)
+
+    def _encode_texts(self, texts, offsets=False):
+        """Ids of each text (or its `tokenizers.Encoding`s, with offsets), control-token strings as text and no
+        prefix."""
+        with self._plain_backend(encode_special_tokens=True) as backend:
+            encodings = backend.encode_batch(texts, add_special_tokens=False)
+        return encodings if offsets else [encoding.ids for encoding in encodings]
 
     def get_command(self, token):
         """The id of a control token, as the original API: `get_command("<|user|>")` -> 64795; also "<eos>",
@@ -356,22 +623,26 @@ class ChatGLMTokenizer(PreTrainedTokenizerFast):
             raise KeyError(f"{token!r} is not a control token of this tokenizer")
         return token_id
 
-    def encode_batch_ids(self, texts, add_special_tokens=True):
+    def encode_batch_ids(self, texts, add_special_tokens=True, split_special_tokens=None):
         """Token ids of many texts at once: the fastest way to tokenize a corpus.
 
         The same ids as `self(texts)["input_ids"]`, encoded in parallel by `tokenizers` without the character
         offsets that `__call__` has it compute (about 1.4x faster on 4 MB of text; see benchmarks/bench_tokenizer.py).
+        `split_special_tokens=True` keeps control-token strings in the texts as text (train.py does, for corpora).
 
         Example:
             >>> tokenizer.encode_batch_ids(["你好", "hello"])
             [[64790, 64792, 36474, 54591], [64790, 64792, 24954]]
         """
+        if isinstance(texts, str):
+            raise TypeError("encode_batch_ids takes a list of texts, got one str (wrap it: [text])")
         texts = list(texts)
         _check_text(texts, "texts")
-        backend = self.backend_tokenizer
-        # encode_batch_fast (tokenizers >= 0.21) skips the offsets; the ids are those of encode_batch.
-        encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
-        return [encoding.ids for encoding in encode(texts, add_special_tokens=add_special_tokens)]
+        split = self.split_special_tokens if split_special_tokens is None else split_special_tokens
+        with self._plain_backend(encode_special_tokens=split) as backend:
+            # encode_batch_fast (tokenizers >= 0.21) skips the offsets; the ids are those of encode_batch.
+            encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+            return [encoding.ids for encoding in encode(texts, add_special_tokens=add_special_tokens)]
 
     def get_prefix_tokens(self):
         """[gMASK] sop (GLM-4: [gMASK] <sop>), the ids that start every prompt, as the original API."""
@@ -388,45 +659,14 @@ class ChatGLMTokenizer(PreTrainedTokenizerFast):
 
     # -- the chat format -------------------------------------------------------------------------------------------
 
-    def _format_message(self, index, message):
-        """Check one message; return its role, metadata, content (a tool call rendered as text) and tools."""
-        if not isinstance(message, dict):
-            raise ValueError(f"message {index}: expected a dict, got {type(message).__name__}")
-        role, content, metadata = message.get("role"), message.get("content"), message.get("metadata") or ""
-        if role not in ROLES:
-            raise ValueError(f"message {index}: unknown role {role!r}, expected one of {ROLES}")
-        if not isinstance(metadata, str):
-            raise ValueError(f"message {index}: metadata must be a string, got {type(metadata).__name__}")
-        if role == "assistant" and isinstance(content, dict):
-            # A reply that model.chat parsed: a tool call, or another channel's {"name", "content"}.
-            if "parameters" in content:
-                try:
-                    metadata, content = format_tool_call(content.get("name"), content["parameters"], self.is_glm4)
-                except ValueError as error:
-                    raise ValueError(f"message {index}: {error}") from None
-            else:
-                metadata, content = content.get("name"), content.get("content")
-                if not (isinstance(metadata, str) and isinstance(content, str)):
-                    raise ValueError(f"message {index}: a dict reply needs a 'name' and 'parameters' or 'content'")
-        if not isinstance(content, str):
-            raise ValueError(f"message {index}: content must be a string, got {type(content).__name__}")
-        return role, metadata, content, message.get("tools") if role == "system" else None
-
-    def _messages_ids(self, messages):
-        """Per message: <|role|> + encode(metadata + "\\n") + encode(content), checked and encoded in one batch."""
-        if not isinstance(messages, (list, tuple)):
-            raise ValueError(f"messages must be a list of dicts, got {type(messages).__name__}")
-        formatted = [self._format_message(index, message) for index, message in enumerate(messages)]
-        texts = []
-        for _, metadata, content, tools in formatted:
-            if tools is not None:
-                content += "\n" + json.dumps(tools, indent=4, ensure_ascii=False)
-            texts += [metadata + "\n", content]
+    def _messages_ids(self, messages, tools=None):
+        """Per rendered message: <|role|> + encode(metadata + "\\n") + encode(content) (see `chat_parts`), with
+        the role of each and the ids, checked and encoded in one batch."""
+        parts = chat_parts(messages, tools, self.is_glm4)
+        texts = [text for _, metadata, content in parts for text in (metadata + "\n", content)]
         encoded = self._encode_texts(texts) if texts else []
-        return [
-            [self.get_command(f"<|{formatted[i][0]}|>")] + encoded[2 * i] + encoded[2 * i + 1]
-            for i in range(len(formatted))
-        ]
+        return [(role, [self.get_command(f"<|{role}|>")] + encoded[2 * i] + encoded[2 * i + 1])
+                for i, (role, _, _) in enumerate(parts)]
 
     def build_single_message(self, role, metadata, message):
         """`<|role|>` + encode(metadata + "\\n") + encode(message), no prefix tokens.
@@ -434,29 +674,31 @@ class ChatGLMTokenizer(PreTrainedTokenizerFast):
         >>> tokenizer.build_single_message("user", "", "你好")
         [64795, 30910, 13, 36474, 54591]
         """
-        return self._messages_ids([{"role": role, "metadata": metadata, "content": message}])[0]
+        return self._messages_ids([{"role": role, "metadata": metadata, "content": message}])[0][1]
 
     def build_chat_input(self, query, history=None, role="user"):
         """The prompt for the model's reply, as the original ChatGLM3 API: [gMASK] sop, each history message, the
         query as a `role` message, then <|assistant|>. History items are {"role", "content"[, "metadata", "tools"]};
-        an assistant content may be a parsed tool call {"name", "parameters"}.
+        an assistant content may be a parsed tool call {"name", "parameters"}; OpenAI's `tool_calls` and role
+        `tool` work too. Independent of any padding or truncation set on the tokenizer by an earlier call.
 
         >>> tokenizer.build_chat_input("你好")["input_ids"].tolist()
         [[64790, 64792, 64795, 30910, 13, 36474, 54591, 64796]]
         """
         messages = [*(history or []), {"role": role, "content": query}]
         ids = self.get_prefix_tokens()
-        for message_ids in self._messages_ids(messages):
+        for _, message_ids in self._messages_ids(messages):
             ids += message_ids
         ids.append(self.get_command("<|assistant|>"))
         return BatchEncoding({"input_ids": [ids], "attention_mask": [[1] * len(ids)]}, tensor_type="pt")
 
-    def tokenize_conversation(self, messages, max_length=None):
+    def tokenize_conversation(self, messages, max_length=None, tools=None):
         """Ids and labels for supervised fine-tuning.
 
         Labels are IGNORE_INDEX (-100) except on each assistant reply (its metadata line and content, after its
         <|assistant|> token) and on the token that stops it: the next message's role token, or an eos appended
-        when the conversation ends with a reply. Truncated on the right to `max_length`.
+        when the conversation ends with a reply. Truncated on the right to `max_length`. The same ids and label
+        positions as `apply_chat_template(messages, return_assistant_tokens_mask=True, return_dict=True)`.
 
             >>> out = tokenizer.tokenize_conversation([{"role": "user", "content": "hi"},
             ...                                        {"role": "assistant", "content": "hello"}])
@@ -464,12 +706,11 @@ class ChatGLMTokenizer(PreTrainedTokenizerFast):
             ['input_ids', 'labels']
         """
         if not messages:
-            raise ValueError("messages must be a non-empty list")
+            raise ChatFormatError("messages must be a non-empty list")
         input_ids = self.get_prefix_tokens()
         labels = [IGNORE_INDEX] * len(input_ids)
         previous = None
-        for message, ids in zip(messages, self._messages_ids(messages)):
-            role = message["role"]
+        for role, ids in self._messages_ids(messages, tools):
             input_ids += ids
             labels.append(ids[0] if previous == "assistant" else IGNORE_INDEX)
             labels += ids[1:] if role == "assistant" else [IGNORE_INDEX] * (len(ids) - 1)
@@ -484,6 +725,9 @@ class ChatGLMTokenizer(PreTrainedTokenizerFast):
         conversation,
         tools=None,
         documents=None,
+        chat_template=None,
+        add_generation_prompt=False,
+        continue_final_message=False,
         *,
         tokenize=True,
         padding=False,
@@ -495,71 +739,103 @@ class ChatGLMTokenizer(PreTrainedTokenizerFast):
         tokenizer_kwargs=None,
         **kwargs,
     ):
-        """transformers' apply_chat_template, with the ids of `build_chat_input`.
+        """transformers' apply_chat_template, with the ids of `build_chat_input` / `tokenize_conversation`.
 
-        The template's control tokens become control tokens; the same strings inside messages stay text: they are
-        marked before rendering, and the rendered text is encoded piece by piece. Messages are checked and tool-call
-        dicts rendered as in `build_chat_input`. With tokenize=False the text is returned; tokenizing that text
-        yourself needs split_special_tokens=False and treats control strings typed by users as control tokens.
+        With tokenize=False the text is returned: encoding it with this tokenizer's defaults (or a plain
+        `PreTrainedTokenizerFast` on tokenizer.json, as engines do) gives the same ids, except that control-token
+        strings users typed inside messages then become control tokens. With tokenize=True those stay text: they are
+        marked before rendering and the rendered text is encoded piece by piece. `return_assistant_tokens_mask=True`
+        marks the tokens `tokenize_conversation` trains on. Bad messages raise `ChatFormatError`.
 
             >>> tokenizer.apply_chat_template([{"role": "user", "content": "你好"}], add_generation_prompt=True,
             ...                               return_dict=False)
             [64790, 64792, 64795, 30910, 13, 36474, 54591, 64796]
         """
-        if tools is not None:
-            raise ValueError("put tools in the system message: {'role': 'system', 'content': ..., 'tools': [...]}")
-        if return_assistant_tokens_mask:
-            raise ValueError("use tokenize_conversation(messages) for training labels")
-        kwargs.pop("sanitize_control_tokens", None)  # transformers 5 option; always done here
+        kwargs.pop("sanitize_control_tokens", None)  # transformers 5 option; always done here when tokenizing
         batched = bool(conversation) and isinstance(conversation[0], (list, tuple))
-        chats = []
-        for chat in conversation if batched else [conversation]:
-            formatted = [self._format_message(index, message) for index, message in enumerate(chat)]
-            chats.append([
-                {"role": role, "metadata": metadata, "content": content, **({} if tools is None else {"tools": tools})}
-                for role, metadata, content, tools in formatted
-            ])
+        chats = [list(chat) for chat in (conversation if batched else [conversation])]
+        for chat in chats:
+            chat_parts(chat, tools, self.is_glm4)  # checks every message, naming the bad one
+        chats = [_template_messages(chat, self.is_glm4) for chat in chats]
+        options = dict(add_generation_prompt=add_generation_prompt, continue_final_message=continue_final_message)
         if not tokenize:
-            texts = super().apply_chat_template(chats, documents=documents, tokenize=False, **kwargs)
+            texts = super().apply_chat_template(chats, tools=tools, documents=documents, chat_template=chat_template,
+                                                tokenize=False, **options, **kwargs)
             return texts if batched else texts[0]
-        chats = [_mark(chat, self._user_control_re) for chat in chats]
-        texts = super().apply_chat_template(chats, documents=documents, tokenize=False, **kwargs)
-        ids = [self._encode_rendered(text) for text in texts]
+        if return_assistant_tokens_mask and continue_final_message:
+            raise ValueError("continue_final_message is not compatible with return_assistant_tokens_mask")
+        texts, spans = render_jinja_template(
+            conversations=[_mark(chat, self._user_control_re) for chat in chats],
+            tools=_mark(tools, self._user_control_re), documents=documents,
+            chat_template=self.get_chat_template(chat_template, tools),
+            return_assistant_tokens_mask=return_assistant_tokens_mask, **options,
+            **{**self.special_tokens_map, **kwargs},
+        )
+        encoded = [self._encode_rendered(text) for text in texts]
+        ids = [token_ids for token_ids, _ in encoded]
+        masks = [_overlap_mask(token_spans, generation) for (_, token_spans), generation in zip(encoded, spans)] \
+            if return_assistant_tokens_mask else None
         if truncation and max_length is not None:
-            ids = [x[:max_length] if self.truncation_side == "right" else x[-max_length:] for x in ids]
+            cut = (lambda x: x[:max_length]) if self.truncation_side == "right" else (lambda x: x[-max_length:])
+            ids = [cut(x) for x in ids]
+            masks = masks and [cut(x) for x in masks]
         if not (_RETURN_DICT_DEFAULT if return_dict is None else return_dict):
             if return_tensors is not None:
                 return BatchEncoding({"input_ids": ids}, tensor_type=return_tensors)["input_ids"]
             return ids if batched else ids[0]
         inputs = {"input_ids": ids if batched or return_tensors else ids[0]}
-        kwargs = tokenizer_kwargs or {}
-        return self.pad(inputs, padding=padding, max_length=max_length, return_tensors=return_tensors, **kwargs)
+        out = self.pad(inputs, padding=padding, max_length=max_length, **(tokenizer_kwargs or {}))
+        if masks is not None:
+            width = [len(x) for x in (out["input_ids"] if batched or return_tensors else [out["input_ids"]])]
+            left = self.padding_side == "left"
+            masks = [[0] * (w - len(m)) + m if left else m + [0] * (w - len(m)) for m, w in zip(masks, width)]
+            out["assistant_masks"] = masks if batched or return_tensors else masks[0]
+        return out.convert_to_tensors(return_tensors) or out if return_tensors else out
 
     def _encode_rendered(self, text):
-        """Encode a chat rendered from marked messages: control strings are control tokens, marked ones text."""
-        chunks, controls, parts, position = [], [], [], 0
+        """Encode a chat rendered from marked messages: control strings are control tokens, marked ones text.
+        Returns the ids and each token's (start, end) in `text`."""
+        chunks, controls, position = [[]], [], 0  # a chunk: (piece of plain text, where it starts in `text`)
         for match in self._template_control_re.finditer(text):
-            parts.append(text[position : match.start()])
-            if _MARK in parts[-1]:
+            piece = text[position : match.start()]
+            if _MARK in piece:
                 raise ValueError("the chat template split a marked control token; it must write message strings whole")
+            chunks[-1].append((piece, position))
             if match.group(1) is not None:
-                parts.append(match.group(1))
+                chunks[-1].append((match.group(1), match.start(1)))
             else:
-                chunks.append("".join(parts))
-                controls.append(self._specials[match.group(2)])
-                parts = []
+                controls.append((self._specials[match.group(2)], match.span(2)))
+                chunks.append([])
             position = match.end()
-        chunks.append("".join(parts) + text[position:])
-        ids = []
-        for chunk_ids, control in zip(self._encode_texts(chunks), [*controls, None]):
-            ids += chunk_ids if control is None else [*chunk_ids, control]
-        return ids
+        chunks[-1].append((text[position:], position))
+        ids, spans = [], []
+        encodings = self._encode_texts(["".join(piece for piece, _ in chunk) for chunk in chunks], offsets=True)
+        for chunk, encoding, control in zip(chunks, encodings, [*controls, None]):
+            where = [start + i for piece, start in chunk for i in range(len(piece))]  # chunk index -> text index
+            ids += encoding.ids
+            for start, end in encoding.offsets:
+                first = where[start] if start < len(where) else len(text)
+                spans.append((first, where[end - 1] + 1 if end > start else first + 1))
+            if control is not None:
+                ids.append(control[0])
+                spans.append(control[1])
+        return ids, spans
 
     def save_pretrained(self, save_directory, **kwargs):
         """Save tokenizer.json and tokenizer_config.json (auto_map and the chat template inside), this file for
-        trust_remote_code, and the original tokenizer.model when there is one (engines such as chatglm.cpp read it)."""
+        trust_remote_code, and the original tokenizer.model when there is one (engines such as chatglm.cpp read it).
+        Options of the load that wrote this tokenizer (`local_files_only`, ...) are not written."""
         kwargs.setdefault("save_jinja_files", False)  # the template inside tokenizer_config.json, as Hub repos have it
         files = super().save_pretrained(save_directory, **kwargs)
+        config_file = os.path.join(save_directory, "tokenizer_config.json")
+        if os.path.isfile(config_file):
+            with open(config_file, encoding="utf-8") as file:
+                config = json.load(file)
+            if any(key in config for key in LOAD_TIME_KEYS):
+                for key in LOAD_TIME_KEYS:
+                    config.pop(key, None)
+                with open(config_file, "w", encoding="utf-8") as file:
+                    file.write(json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
         if self.vocab_file and os.path.isfile(self.vocab_file):
             target = os.path.join(save_directory, "tokenizer.model")
             if not os.path.exists(target) or not os.path.samefile(self.vocab_file, target):

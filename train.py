@@ -62,8 +62,9 @@ def parse_args(argv=None):
                       "column into blocks; sft: train on assistant replies of the conversations column; auto: "
                       "whichever column exists.")
     data.add_argument("--text_column", default="text", help="Column with raw text (pretraining).")
-    data.add_argument("--conversations_column", default="conversations", help="Column with ChatGLM3-format "
-                      "conversations: lists of {role, content[, metadata, tools]} (SFT).")
+    data.add_argument("--conversations_column", help="Column with conversations (SFT): lists of {role, content"
+                      "[, metadata, tools]} as ChatGLM3's, or OpenAI-style messages (tool_calls, role tool). "
+                      "Default: 'conversations' or 'messages', whichever the data has.")
     data.add_argument("--block_size", type=int, help="Pretraining block length / SFT maximum length in tokens "
                       "(default 256 built-in, else min(1024, model seq_length)); must not exceed seq_length.")
     data.add_argument("--streaming", action="store_true", help="Stream the dataset instead of loading it; the "
@@ -276,6 +277,7 @@ def prepare_data(args, accelerator, tokenizer_holder):
         if len(train) == 0:
             raise ValueError("empty dataset: the train split has 0 rows")
         columns = train.column_names
+    args.conversations_column = data_glm.find_conversations_column(columns, args.conversations_column)
     mode = data_glm.detect_mode(columns, args.text_column, args.conversations_column, args.mode)
     if "validation" in raw and not args.streaming and len(raw["validation"]) == 0:
         raise ValueError("empty dataset: the validation split has 0 rows")
@@ -287,8 +289,9 @@ def prepare_data(args, accelerator, tokenizer_holder):
     with accelerator.main_process_first():
         if mode == "pretrain":
             # encode_batch_ids: our tokenizer's offset-free batch path (same ids as __call__, ~1.4x faster).
-            docs = raw.map(lambda batch: {"input_ids": tokenizer.encode_batch_ids(batch[args.text_column],
-                                                                                  add_special_tokens=False)},
+            # Control-token strings in a corpus ("</s>" in web text) stay text: only packing adds eos.
+            docs = raw.map(lambda batch: {"input_ids": tokenizer.encode_batch_ids(
+                               batch[args.text_column], add_special_tokens=False, split_special_tokens=True)},
                            batched=True, remove_columns=columns,
                            **({} if args.streaming else {"num_proc": args.preprocessing_num_workers}))
             docs = data_glm.carve_validation(docs, args.validation_split_percentage, args.seed)
@@ -728,6 +731,7 @@ def save_output(args, accelerator, model, tokenizer, mode, summary):
         unwrapped.save_pretrained(output_dir, state_dict=state_dict, **save)
     if not accelerator.is_main_process:
         return
+    tokenizer.model_max_length = unwrapped.config.seq_length  # so truncation=True means the model's context
     tokenizer.save_pretrained(output_dir)
     # The working copy a from-scratch run kept for resumes; the folder's own tokenizer files replace it.
     shutil.rmtree(output_dir / "tokenizer", ignore_errors=True)

@@ -1,0 +1,312 @@
+"""The chat format as other programs meet it: rendered text tokenized by engines (our tokenizer's defaults, a plain
+PreTrainedTokenizerFast, the `tokenizers` library), transformers' assistant masks, OpenAI-format messages, TRL's
+SFTTrainer, peft's PrefixTuning, a `--to native` folder loaded without remote code, and the tokenizer's independence
+from state left by earlier calls."""
+
+import json
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+import transformers
+from conftest import ROOT, glm, tiny_config
+from tokenizers import Tokenizer
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from test_tokenization import glm3, glm4, glm4_folder, sp, sp_model, trained  # noqa: F401  (fixtures)
+
+tg = glm.tokenization
+TRANSFORMERS_4 = transformers.__version__.startswith("4.")
+TOOLS = [{"name": "get_weather", "description": "查询天气",
+          "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}]
+# No control-token strings (nor the word "sop", ChatGLM3's control token): typed inside content, a rendered text
+# can't tell them from the real ones.
+CONTENTS = ["", " ", "  two leading", "\nnewline first", "trailing  ", "你好", "😀𠀋", "x = 1\n\ty = 2", "Aesop",
+            "北京 20 度", "What is 2+2?", "a\n\nb"]
+ARGUMENTS = [{"city": "北京"}, {"city": "Paris", "days": 3, "metric": True, "note": None}, {},
+             {"q": ["a", 1.5, {"k": False}]}]
+
+
+def _content(rng, glm4):
+    text = rng.choice(CONTENTS)
+    # GLM-4 has no dummy prefix: "\n" + a content starting with a blank line merges as one text, so the text
+    # template (like GLM-4's own) can't give build_chat_input's ids there (docs/tokenizer.md).
+    return "x" + text if glm4 and text.lstrip(" \t").startswith("\n") else text
+
+
+def tool_call_turn(rng, glm4, forms=("glm", "openai", "openai-json-string")):
+    """An assistant tool call and its result, in one of the accepted forms, plus the GLM-format equivalent."""
+    arguments, name = rng.choice(ARGUMENTS), "get_weather"
+    result = json.dumps({"temperature": rng.randrange(30)})
+    glm_form = [{"role": "assistant", "metadata": name, "content": {"name": name, "parameters": arguments}},
+                {"role": "observation", "content": result}]
+    form = rng.choice(forms)
+    if form == "glm":
+        return glm_form, glm_form
+    call = {"type": "function", "function": {"name": name, "arguments": arguments}}
+    if form == "openai-json-string":
+        call["function"]["arguments"] = json.dumps(arguments, ensure_ascii=False)
+    openai = [{"role": "assistant", "content": None, "tool_calls": [call]},
+              {"role": "tool", "name": name, "tool_call_id": "call_0", "content": result}]
+    return openai, glm_form
+
+
+def random_conversation(rng, glm4, end, **forms):
+    """(messages, tools=, the same conversation in the GLM format with tools in the system message)."""
+    messages, same, tools = [], [], None
+    kind = rng.choice(["system-tools", "tools=", "system", "system+tools=", "none"])
+    if kind in ("system-tools", "system", "system+tools="):
+        system = {"role": "system", "content": _content(rng, glm4) or "You are a helpful assistant."}
+        messages.append(dict(system, tools=TOOLS) if kind == "system-tools" else system)
+        same.append(dict(system, tools=TOOLS) if kind != "system" else system)
+    if kind in ("tools=", "system+tools="):
+        tools = TOOLS
+    if kind == "tools=":
+        same.append({"role": "system", "content": json.dumps(TOOLS, indent=4, ensure_ascii=False)})
+    for turn in range(rng.randint(1, 3)):
+        user = {"role": "user", "content": _content(rng, glm4)}
+        messages.append(user)
+        same.append(user)
+        if turn == 0 and end in ("observation", "tool") or rng.random() < 0.4:
+            given, glm_form = tool_call_turn(rng, glm4, **forms)
+            messages += given
+            same += glm_form
+            if end in ("observation", "tool") and turn == 0:
+                return messages, tools, same
+        reply = {"role": "assistant", "content": _content(rng, glm4)}
+        if rng.random() < 0.2:
+            reply["metadata"] = "interpreter"
+        messages.append(reply)
+        same.append(reply)
+    if end == "user":
+        messages.append({"role": "user", "content": _content(rng, glm4)})
+        same.append(messages[-1])
+    return messages, tools, same
+
+
+def conversations(tokenizer, n, seed=0):
+    rng = random.Random(seed)
+    for i in range(n):
+        yield random_conversation(rng, tokenizer.is_glm4, end=["user", "assistant", "observation"][i % 3])
+
+
+@pytest.fixture(params=["glm3", "glm4", "trained"])
+def family(request, tmp_path):
+    """A tokenizer, and its saved tokenizer.json loaded by consumers without our code."""
+    tokenizer = request.getfixturevalue(request.param)
+    tokenizer.save_pretrained(tmp_path)
+    plain = PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"), chat_template=tokenizer.chat_template,
+                                    eos_token=tokenizer.eos_token)
+    return tokenizer, plain, Tokenizer.from_file(str(tmp_path / "tokenizer.json")), tmp_path
+
+
+def expected_ids(tokenizer, same):
+    """The ids of a GLM-format conversation: build_chat_input's prompt when it ends with a user or observation
+    turn, else tokenize_conversation's (eos after the last reply). Also whether a generation prompt follows."""
+    if same[-1]["role"] == "assistant":
+        return tokenizer.tokenize_conversation(same)["input_ids"], False
+    last = same[-1]
+    return tokenizer.build_chat_input(last["content"], same[:-1], last["role"])["input_ids"][0].tolist(), True
+
+
+def test_rendered_text_gives_the_same_ids_to_every_consumer(family):
+    tokenizer, plain, raw, _ = family
+    for messages, tools, same in conversations(tokenizer, 90):
+        ids, prompt = expected_ids(tokenizer, same)
+        assert tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=prompt,
+                                             return_dict=False) == ids
+        if not prompt:
+            assert tokenizer.tokenize_conversation(messages, tools=tools)["input_ids"] == ids
+        text = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=prompt, tokenize=False)
+        assert tokenizer(text, add_special_tokens=False)["input_ids"] == ids, text
+        assert plain(text, add_special_tokens=False)["input_ids"] == ids, text
+        assert raw.encode(text, add_special_tokens=False).ids == ids, text
+        # A consumer rendering the template itself (transformers' own apply_chat_template) gets the same text
+        assert plain.apply_chat_template(tg._template_messages(messages, tokenizer.is_glm4), tools=tools,
+                                         add_generation_prompt=prompt, tokenize=False) == text
+
+
+def test_finished_conversations_end_with_eos_and_masks_match_labels(family):
+    tokenizer, plain, _, _ = family
+    for messages, tools, _ in conversations(tokenizer, 60, seed=1):
+        if messages[-1]["role"] != "assistant":
+            continue
+        expected = tokenizer.tokenize_conversation(messages, tools=tools)
+        assert expected["input_ids"][-1] == tokenizer.eos_token_id
+        mask = [int(label != -100) for label in expected["labels"]]
+        ours = tokenizer.apply_chat_template(messages, tools=tools, return_dict=True, return_assistant_tokens_mask=True)
+        assert ours["input_ids"] == expected["input_ids"] and ours["assistant_masks"] == mask
+        # transformers' own mask from the template's {% generation %} markers, on a tokenizer without our code.
+        # 4.57 maps spans to tokens with char_to_token, which misses the second of two tokens on one character
+        # (ChatGLM3's dummy-prefix "▁" and the "\n" of an empty reply); 5.x checks each token's overlap.
+        if TRANSFORMERS_4:
+            continue
+        theirs = plain.apply_chat_template(tg._template_messages(messages, tokenizer.is_glm4), tools=tools,
+                                           tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+        assert theirs["input_ids"] == expected["input_ids"] and theirs["assistant_masks"] == mask
+
+
+def test_assistant_masks_in_padded_batches(glm3):
+    chats = [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"}],
+             [{"role": "user", "content": "a longer question here"}, {"role": "assistant", "content": "ok"}]]
+    batch = glm3.apply_chat_template(chats, return_dict=True, return_assistant_tokens_mask=True, padding=True,
+                                     return_tensors="pt")
+    for row, chat in enumerate(chats):
+        labels = glm3.tokenize_conversation(chat)["labels"]
+        n = len(labels)
+        assert batch["assistant_masks"][row, -n:].tolist() == [int(x != -100) for x in labels]
+        assert batch["assistant_masks"][row, :-n].sum() == 0 and batch["attention_mask"][row].sum() == n
+
+
+def test_chat_helpers_ignore_padding_and_truncation_left_on_the_tokenizer(glm3):
+    messages = [{"role": "system", "content": "be brief", "tools": TOOLS}, {"role": "user", "content": "北京天气如何"},
+                {"role": "assistant", "content": "晴"}]
+    before = (glm3.build_chat_input("天气", messages)["input_ids"].tolist(), glm3.tokenize_conversation(messages),
+              glm3.encode_batch_ids(["a b c d e f", "你好"]),
+              glm3.apply_chat_template(messages, add_generation_prompt=True, return_dict=False))
+    glm3(["short", "a much longer text than the other one"], padding="max_length", max_length=40)
+    glm3("some text that gets cut", truncation=True, max_length=3)
+    glm3.padding_side = "right"
+    try:
+        after = (glm3.build_chat_input("天气", messages)["input_ids"].tolist(), glm3.tokenize_conversation(messages),
+                 glm3.encode_batch_ids(["a b c d e f", "你好"]),
+                 glm3.apply_chat_template(messages, add_generation_prompt=True, return_dict=False))
+    finally:
+        glm3.padding_side = "left"
+    assert after == before
+    assert len(before[0][0]) > 3 and glm3.pad_token_id not in before[0][0]
+
+
+def test_template_errors_are_template_errors(glm3):
+    from jinja2 import TemplateError
+
+    plain = PreTrainedTokenizerFast(tokenizer_object=glm3.backend_tokenizer, chat_template=glm3.chat_template)
+    bad = [{"role": "robot", "content": "x"}]
+    for render in (lambda: glm3.apply_chat_template(bad, tokenize=False),
+                   lambda: plain.apply_chat_template(bad, tokenize=False)):
+        with pytest.raises(TemplateError, match="robot"):
+            render()
+    with pytest.raises(ValueError, match="message 1: tool call arguments are not valid JSON"):
+        glm3.build_chat_input("q", [{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": [
+            {"function": {"name": "f", "arguments": "{not json"}}]}])
+
+
+def test_trl_probes_find_tool_support_and_trained_stop_token(glm3):
+    from trl.chat_template_utils import is_chat_template_stop_token_trained, supports_tool_calling
+
+    assert supports_tool_calling(glm3)
+    assert is_chat_template_stop_token_trained(glm3)
+
+
+def test_trl_sft_trainer_trains_on_tokenize_conversation_labels(trained, tmp_path):
+    import datasets
+    from trl import SFTConfig, SFTTrainer
+
+    rng = random.Random(3)
+    # OpenAI's form, as TRL datasets hold it (arguments as JSON text; Arrow would unify dicts' keys)
+    rows = [random_conversation(rng, False, end="assistant", forms=["openai-json-string"]) for _ in range(12)]
+    dataset = datasets.Dataset.from_list([{"messages": json.loads(json.dumps(m)), "tools": json.dumps(t)}
+                                          for m, t, _ in rows])
+    config = tiny_config(padded_vocab_size=512, eos_token_id=trained.eos_token_id, pad_token_id=trained.pad_token_id)
+    torch.manual_seed(0)
+    model = glm.ChatGLMForConditionalGeneration(config)
+    args = SFTConfig(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-3,
+                     assistant_only_loss=True, report_to="none", logging_steps=1, save_strategy="no",
+                     use_cpu=True, dataloader_num_workers=0, max_length=None)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=trained)
+    for row, (messages, tools, _) in zip(trainer.train_dataset, rows):
+        expected = trained.tokenize_conversation(messages, tools=tools)
+        # TRL turns the template's assistant mask into labels: exactly our fine-tuning labels, ending with eos
+        assert row["input_ids"] == expected["input_ids"] and row["labels"] == expected["labels"]
+        assert [x for x in row["labels"] if x != -100][-1] == trained.eos_token_id
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
+    for i in range(2):
+        expected = trained.tokenize_conversation(rows[i][0], tools=rows[i][1])["labels"]
+        labels = batch["labels"][i].tolist()
+        real = [x for x in labels if x != -100]
+        assert real == [x for x in expected if x != -100] and real[-1] == trained.eos_token_id  # the model learns to stop
+    trainer.train()
+    losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+    assert len(losses) == 3 and all(0 < loss < 20 for loss in losses)
+
+
+def test_peft_prefix_tuning_runs_and_generates():
+    import peft
+    from transformers import GlmForCausalLM
+    from transformers.cache_utils import DynamicCache
+
+    import convert_glm
+
+    config = tiny_config()
+    torch.manual_seed(0)
+    model = glm.ChatGLMForConditionalGeneration(config).eval()
+    native = GlmForCausalLM(convert_glm.glm_config_to_native(config)).eval()
+    native.load_state_dict(convert_glm.glm_to_native_state_dict(model.state_dict(), config), strict=False)
+    prefix_config = dict(task_type="CAUSAL_LM", num_virtual_tokens=4)
+    ours = peft.get_peft_model(model, peft.PrefixTuningConfig(**prefix_config))
+    theirs = peft.get_peft_model(native, peft.PrefixTuningConfig(**prefix_config))
+    theirs.prompt_encoder.load_state_dict(ours.prompt_encoder.state_dict())
+    ids = torch.randint(3, config.padded_vocab_size, (2, 6))
+    mask = torch.ones_like(ids)
+    out = ours(input_ids=ids, attention_mask=mask, labels=ids)
+    out.loss.backward()
+    grads = {name for name, p in ours.named_parameters() if p.grad is not None}
+    assert grads and all("prompt_encoder" in name for name in grads)
+    with torch.no_grad():
+        logits = ours(input_ids=ids, attention_mask=mask).logits
+        # Our model attending the prefix's key/values itself, and transformers' own GLM under the same prefix
+        cache = ours.get_prompt(batch_size=2)
+        cache = cache if isinstance(cache, DynamicCache) else DynamicCache.from_legacy_cache(cache)
+        direct = model(input_ids=ids, attention_mask=torch.ones(2, 10, dtype=torch.long), past_key_values=cache)
+        torch.testing.assert_close(logits, direct.logits)
+        torch.testing.assert_close(logits, theirs(input_ids=ids, attention_mask=mask).logits, atol=1e-5, rtol=0)
+        assert not torch.allclose(model(input_ids=ids).logits, logits)  # the prefix changes the output
+        kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+        generated = ours.generate(**kwargs)
+        assert generated.shape[1] > 6 and torch.equal(generated, theirs.generate(**kwargs))
+
+
+def test_config_dict_has_standard_names_beside_the_original_keys():
+    config = tiny_config(num_layers=3, multi_query_group_num=4, layernorm_epsilon=1e-6, seq_length=512)
+    saved = config.to_dict()
+    standard = dict(num_hidden_layers=3, num_key_value_heads=4, head_dim=8, intermediate_size=96, vocab_size=128,
+                    max_position_embeddings=512, rms_norm_eps=1e-6)
+    assert {k: saved[k] for k in standard} == standard
+    assert (saved["num_layers"], saved["multi_query_group_num"], saved["kv_channels"]) == (3, 4, 8)
+    assert glm.ChatGLMConfig(**saved).to_dict() == saved
+    with pytest.raises(ValueError, match="num_layers=5 and num_hidden_layers=3 disagree"):
+        glm.ChatGLMConfig(**{**saved, "num_layers": 5})
+
+
+def test_saved_tokenizer_config_is_what_a_hub_repo_holds(glm3, tmp_path):
+    glm3.save_pretrained(tmp_path / "first")
+    AutoTokenizer.from_pretrained(tmp_path / "first", trust_remote_code=True).save_pretrained(tmp_path / "second")
+    for folder in ("first", "second"):
+        config = json.loads((tmp_path / folder / "tokenizer_config.json").read_text())
+        assert not set(config) & set(tg.LOAD_TIME_KEYS), folder
+        assert config["split_special_tokens"] is False and config["chat_template"] == glm3.chat_template
+
+
+def test_native_folder_tokenizer_loads_without_remote_code(glm3, tmp_path):
+    config = tiny_config(padded_vocab_size=64896, seq_length=512)
+    torch.manual_seed(0)
+    glm.ChatGLMForConditionalGeneration(config).save_pretrained(tmp_path / "glm")
+    glm3.save_pretrained(tmp_path / "glm")
+    for to, src, dst in (("native", "glm", "native"), ("glm", "native", "back")):
+        subprocess.run([sys.executable, str(ROOT / "convert_glm.py"), "--to", to, str(tmp_path / src),
+                        str(tmp_path / dst)], check=True, capture_output=True, timeout=300)
+    native = json.loads((tmp_path / "native" / "tokenizer_config.json").read_text())
+    assert "auto_map" not in native and not (tmp_path / "native" / "tokenization_glm.py").exists()
+    plain = AutoTokenizer.from_pretrained(tmp_path / "native")  # no trust_remote_code
+    assert plain.model_max_length == 512 and plain.padding_side == "left"
+    back = AutoTokenizer.from_pretrained(tmp_path / "back", trust_remote_code=True)
+    assert type(back).__name__ == "ChatGLMTokenizer"
+    for messages, tools, _ in conversations(glm3, 30, seed=4):
+        prompt = messages[-1]["role"] != "assistant"
+        ids = glm3.apply_chat_template(messages, tools=tools, add_generation_prompt=prompt, return_dict=False)
+        theirs = plain.apply_chat_template(tg._template_messages(messages, False), tools=tools,
+                                           add_generation_prompt=prompt, tokenize=True, return_dict=False)
+        assert theirs == ids
+        assert back.apply_chat_template(messages, tools=tools, add_generation_prompt=prompt, return_dict=False) == ids
