@@ -346,7 +346,8 @@ class ChatMixin:
             from torchao.prototype.quantization.int4.inference_workflow import PrototypeInt4WeightOnlyConfig
             from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
         except ImportError as error:
-            raise ImportError("model.quantize() needs torchao: pip install torchao") from error
+            raise ImportError("model.quantize() needs torchao, an optional dependency: pip install -r "
+                              "requirements-quantize.txt (or pip install torchao)") from error
 
         # Block matrices grouped by the config they take (int4's group size depends on the input width).
         groups = {}

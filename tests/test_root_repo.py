@@ -74,3 +74,13 @@ def test_root_config_and_readme_front_matter():
     front = readme.split("---")[1]
     for line in ("license: mit", "library_name: transformers", "pipeline_tag: text-generation", "- zh", "- en"):
         assert line in front, line
+
+
+def test_root_tokenizer_files_are_what_save_pretrained_writes(tmp_path):
+    from conftest import glm
+
+    glm.ChatGLMTokenizer(vocab_file=str(ROOT / "tokenizer.model"), model_max_length=8192).save_pretrained(tmp_path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert json.loads((ROOT / name).read_text()) == json.loads((tmp_path / name).read_text()), name
+    config = json.loads((ROOT / "tokenizer_config.json").read_text())
+    assert config["split_special_tokens"] is False and config["model_max_length"] == 8192
