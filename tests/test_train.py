@@ -344,3 +344,40 @@ def test_builtin_heldout_is_disjoint_from_training():
                        ensure_ascii=False) for r in train_rows}
     for row in heldout:
         assert json.dumps(row["conversations"][:-1], ensure_ascii=False) not in seen
+
+
+def test_openai_format_rows_train_as_their_chatglm3_form(workspace, tmp_path):
+    """A `messages` column with OpenAI's tool calls (content null, JSON-string arguments), role `tool` and a `tools`
+    column trains exactly as the same conversations in the ChatGLM3 format."""
+    import ast
+    import re
+
+    rows, _ = data_glm.skill_splits(n_train=48, n_heldout=3, seed=1, tool_fraction=0.5)
+    files = {"glm": tmp_path / "glm.jsonl", "openai": tmp_path / "openai.jsonl"}
+    with open(files["glm"], "w") as glm_file, open(files["openai"], "w") as openai_file:
+        for row in rows:
+            chatglm3, openai, tools = [], [], None
+            for message in row["conversations"]:
+                call = re.search(r"tool_call\(city=(.+)\)", message["content"])
+                if message["role"] == "assistant" and call:
+                    arguments = {"city": ast.literal_eval(call.group(1))}
+                    chatglm3.append({"role": "assistant", "metadata": "get_weather",
+                                     "content": glm.tokenization.format_tool_call("get_weather", arguments)[1]})
+                    openai.append({"role": "assistant", "content": None, "tool_calls": [
+                        {"type": "function", "function": {"name": "get_weather", "arguments": json.dumps(arguments)}}]})
+                elif message["role"] == "observation":
+                    chatglm3.append(message)
+                    openai.append({"role": "tool", "tool_call_id": "call_0", "content": message["content"]})
+                elif message["role"] == "system":
+                    chatglm3.append(message)
+                    openai.append({"role": "system", "content": message["content"]})
+                    tools = json.dumps(message["tools"])
+                else:
+                    chatglm3.append(message)
+                    openai.append(message)
+            glm_file.write(json.dumps({"conversations": chatglm3}, ensure_ascii=False) + "\n")
+            openai_file.write(json.dumps({"messages": openai, "tools": tools}, ensure_ascii=False) + "\n")
+    for name, path in files.items():
+        train.main(common(workspace, tmp_path / name, "--train_file", str(path), "--max_train_steps", "3",
+                          "--per_device_train_batch_size", "8", "--block_size", "128"))
+    assert losses(tmp_path / "glm") == losses(tmp_path / "openai") and len(losses(tmp_path / "glm")) == 3
