@@ -1,4 +1,4 @@
-"""Train a GLM (ChatGLM3 / GLM-4 architecture) with accelerate: pretraining or SFT, full, LoRA or P-tuning v2.
+r"""Train a GLM (ChatGLM3 / GLM-4 architecture) with accelerate: pretraining or SFT, full, LoRA or P-tuning v2.
 
 With no data flags it trains a small model from scratch on built-in generated bilingual chat data (arithmetic and a
 weather tool call), checks held-out exact-match accuracy through AutoModelForCausalLM loaded from the saved folder,
@@ -31,11 +31,11 @@ LORA_TARGETS = ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
 # The built-in run's recipe (no data flags): tuned to reach >= 90% held-out accuracy on 2 CPU cores in minutes.
 BUILTIN_RECIPE = dict(config_name="tiny", learning_rate=3e-3, per_device_train_batch_size=64, max_train_steps=1500,
                       num_warmup_steps=100, block_size=256, eval_steps=300, weight_decay=0.0, logging_steps=10,
-                      tokenizer_vocab_size=800, max_eval_samples=256)
+                      tokenizer_vocab_size=800, max_eval_samples=256, checkpointing_steps=300)
 # Where nothing else is given (run_clm's values where it has one).
 GENERAL_DEFAULTS = dict(config_name=None, learning_rate=5e-5, per_device_train_batch_size=8, max_train_steps=None,
                         num_warmup_steps=0, block_size=None, eval_steps=500, weight_decay=0.0, logging_steps=10,
-                        tokenizer_vocab_size=32000, max_eval_samples=None)
+                        tokenizer_vocab_size=32000, max_eval_samples=None, checkpointing_steps=None)
 
 
 def parse_args(argv=None):
@@ -110,10 +110,11 @@ def parse_args(argv=None):
     tune.add_argument("--prefix_projection", action="store_true", help="P-tuning v2 prefix through a 2-layer MLP.")
     out = parser.add_argument_group("output, logging, checkpoints")
     out.add_argument("--output_dir", default="output/glm-skills", help="Where the model folder, checkpoints and "
-                     "metrics.jsonl go.")
+                     "metrics.jsonl go (default: output/glm-skills).")
     out.add_argument("--logging_steps", type=int, help="Log loss, lr, tokens/s and MFU every N steps.")
     out.add_argument("--eval_steps", type=int, help="Evaluate validation loss and perplexity every N steps.")
-    out.add_argument("--checkpointing_steps", type=int, help="accelerator.save_state every N steps (atomic).")
+    out.add_argument("--checkpointing_steps", type=int, help="accelerator.save_state every N steps (atomic; "
+                     "default 300 built-in, else none); resume with --resume_from_checkpoint latest.")
     out.add_argument("--checkpoints_total_limit", type=int, default=2, help="Keep the last K checkpoints.")
     out.add_argument("--resume_from_checkpoint", help="'latest' (the newest complete checkpoint in output_dir, if "
                      "any) or a checkpoint folder.")
@@ -242,7 +243,9 @@ def build_model(args, config, tokenizer):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=True,
                                                  attn_implementation=args.attn_implementation)
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        # transformers 5 renamed it activation checkpointing (the old name warns); 4.57 has only the old name.
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable()
         model.config.use_cache = False
     if args.lora_r:
         import peft
@@ -520,11 +523,21 @@ class NonFiniteLoss(RuntimeError):
 def main(argv=None):
     args = parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import datasets
     import torch
+
+    if not torch.cuda.is_available():
+        # DeepSpeed (imported by accelerate when installed) would pick its CPU accelerator anyway, with a warning.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
     from tqdm.auto import tqdm
     from transformers import get_scheduler
+    from transformers.utils import logging as transformers_logging
+
+    # One progress bar, training's: none for loading weights or mapping datasets.
+    datasets.disable_progress_bars()
+    transformers_logging.disable_progress_bar()
 
     sys.path.insert(0, str(ROOT))
     import data_glm
@@ -619,6 +632,9 @@ def main(argv=None):
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
+    if args.checkpointing_steps:
+        say(f"checkpoints every {args.checkpointing_steps} steps in {output_dir / 'checkpoints'}; a stopped run "
+            "continues with --resume_from_checkpoint latest")
     batches = micro_batches(args, accelerator, train, collate, start_step * args.gradient_accumulation_steps,
                             batches_per_epoch)
     params = matmul_params(accelerator.unwrap_model(model))
@@ -682,7 +698,9 @@ def main(argv=None):
         if step % args.eval_steps == 0 or step == args.max_train_steps:
             eval_loss, perplexity = evaluate(args, accelerator, model, validation, collate)
             log({"step": step, "eval_loss": eval_loss, "perplexity": perplexity})
-            say(f"step {step}: loss {loss_value:.4f}, eval loss {eval_loss:.4f}, perplexity {perplexity:.3f}")
+            if accelerator.is_main_process:  # a line of its own, not glued to the progress bar
+                progress.write(f"step {step}: loss {loss_value:.4f}, eval loss {eval_loss:.4f}, "
+                               f"perplexity {perplexity:.3f}")
             window_start = time.time()  # throughput counts training only
         if args.checkpointing_steps and step % args.checkpointing_steps == 0:
             last_checkpoint = save_checkpoint(accelerator, output_dir, step, {"step": step},
@@ -886,10 +904,11 @@ def report_skills(output_dir: Path, heldout) -> float:
     accuracy = correct / len(heldout)
     details = ", ".join(f"{kind} {sum(v)}/{len(v)}" for kind, v in sorted(by_kind.items()))
     print(f"held-out exact match: {accuracy:.1%} ({details})")
-    misses = [(row, tokenizer.decode([t for t in reply if t is not None])) for row, (_, e), reply in zip(heldout, pairs, replies) if reply != e]
-    for row, text in misses[:3]:
-        print(f"  miss: {row['conversations'][-2]['content']!r} -> {text!r} "
-              f"(expected {row['conversations'][-1]['content']!r})")
+    # Reply and expectation decoded alike (a tool call's metadata line included).
+    misses = [(row, tokenizer.decode([t for t in reply if t is not None]), tokenizer.decode(expected))
+              for row, (_, expected), reply in zip(heldout, pairs, replies) if reply != expected]
+    for row, text, expected in misses[:3]:
+        print(f"  miss: {row['conversations'][-2]['content']!r} -> {text!r} (expected {expected!r})")
 
     chat_model = AutoModel.from_pretrained(output_dir, trust_remote_code=True).eval()
     for query in ("What is 23 plus 58?", "41+17等于多少？"):
@@ -904,7 +923,8 @@ def chat_reply(model, tokenizer, query, history=None):
     """model.chat when the chat API is present (chat_glm.py), else the prompt and a greedy generate."""
     if hasattr(model, "chat"):
         try:
-            response, _ = model.chat(tokenizer, query, history=list(history or []), do_sample=False)
+            response, _ = model.chat(tokenizer, query, history=list(history or []), do_sample=False,
+                                     max_new_tokens=64)
             return response
         except Exception as error:  # say so, then answer through the plain prompt below
             print(f"  (model.chat failed: {type(error).__name__}: {error}; using build_chat_input + generate)")

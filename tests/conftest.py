@@ -29,6 +29,16 @@ def reference_file(*parts) -> Path:
     pytest.skip(f"reference artifact {'/'.join(parts)} is absent from {REFERENCE} and {FIXTURES}")
 
 
+def import_extra(name):
+    """An optional dependency (torchao) that scripts/test.sh installs outside site-packages, in GLM_EXTRAS; skips
+    the test naming the install command when it is absent."""
+    extras = os.environ.get("GLM_EXTRAS")
+    if extras and extras not in sys.path:
+        sys.path.append(extras)
+    return pytest.importorskip(name, reason=f"{name} is not installed: pip install -r requirements-quantize.txt "
+                                            "(scripts/test.sh installs it into GLM_EXTRAS)")
+
+
 def tiny_config(**overrides):
     """A small random-weight GLM config; any ChatGLMConfig key can be overridden."""
     values = dict(num_layers=2, hidden_size=64, num_attention_heads=8, multi_query_group_num=2, kv_channels=8,

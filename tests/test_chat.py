@@ -11,7 +11,7 @@ import threading
 import pytest
 import torch
 from benchmarks.bench_quantize import agreement, trained_small_model, weight_bytes
-from conftest import ROOT, glm, tiny_config
+from conftest import ROOT, glm, import_extra, tiny_config
 from transformers import (AutoModelForCausalLM, AutoTokenizer, LogitsProcessor, LogitsProcessorList,
                           TextIteratorStreamer, pipeline)
 
@@ -134,7 +134,7 @@ QUANTIZE_CASES = [(8, torch.float32, 3.8), (4, torch.float32, 7.0), (8, torch.bf
 
 @pytest.mark.parametrize("bits, dtype, factor", QUANTIZE_CASES)
 def test_quantize_cuts_block_memory_and_keeps_greedy_outputs(trained_model, bits, dtype, factor):
-    pytest.importorskip("torchao")
+    import_extra("torchao")
     model, held_out = trained_model
     full = copy.deepcopy(model).to(dtype)
     quantized = copy.deepcopy(full).quantize(bits)

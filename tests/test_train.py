@@ -31,6 +31,11 @@ CPU_DDP = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_m
            "--dynamo_backend", "no"]
 
 
+# One process as scripts/main.sh starts it (every launcher value given, so accelerate prints no notice).
+CPU_ONE = [ACCELERATE, "launch", "--cpu", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", "--num_cpu_threads_per_process", "2"]
+
+
 def sentences(n, seed=0):
     import random
 
@@ -381,3 +386,31 @@ def test_openai_format_rows_train_as_their_chatglm3_form(workspace, tmp_path):
         train.main(common(workspace, tmp_path / name, "--train_file", str(path), "--max_train_steps", "3",
                           "--per_device_train_batch_size", "8", "--block_size", "128"))
     assert losses(tmp_path / "glm") == losses(tmp_path / "openai") and len(losses(tmp_path / "glm")) == 3
+
+
+# The lines a built-in run prints (the main job's log); a chat reply follows each "chat>" line.
+OWN_LINES = [r"mode (sft|pretrain): ", r"checkpoints every \d+ steps", r"training: +\d+%", r"step \d+: loss ",
+             r"held-out exact match: ", r"miss: ", r"chat> ", r"done in \d+s; the model folder is "]
+
+
+def test_builtin_run_log_has_only_our_lines(tmp_path):
+    """The main job as scripts/main.sh launches it, in a plain environment (no PYTHONWARNINGS, nothing extra on the
+    path): our start-up summary, one progress bar, eval lines on their own lines, the result. Any third-party
+    import notice, warning or other progress bar fails it."""
+    import re
+
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    command = [*CPU_ONE, str(ROOT / "train.py"), "--output_dir", str(tmp_path / "skills"), "--max_train_steps", "6",
+               "--eval_steps", "3", "--builtin_train_examples", "400", "--builtin_heldout_examples", "9"]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [line.strip() for line in re.split(r"[\r\n]", result.stdout + result.stderr) if line.strip()]
+    unexpected, after_chat = [], False
+    for line in lines:
+        if any(re.match(pattern, line) for pattern in OWN_LINES):
+            after_chat = line.startswith("chat> ")
+        elif not after_chat:  # a reply of the untrained model may span lines
+            unexpected.append(line)
+    assert not unexpected, unexpected[:10]
+    assert [line.split(":")[0] for line in lines if line.startswith("step ")] == ["step 3", "step 6"]  # evals
+    assert any(line.startswith("held-out exact match: ") for line in lines)
