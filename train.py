@@ -674,6 +674,16 @@ def mixed_precision_in_use(accelerator) -> str:
     return next((kind for kind in ("bf16", "fp16") if config.get(kind, {}).get("enabled") is True), "no")
 
 
+def weights_sharded(accelerator) -> bool:
+    """FSDP or DeepSpeed ZeRO-3: no process holds the whole model between steps."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return True
+    return accelerator.distributed_type == DistributedType.DEEPSPEED and \
+        accelerator.state.deepspeed_plugin.deepspeed_config["zero_optimization"]["stage"] == 3
+
+
 def param_numel(p) -> int:
     """A parameter's full element count (ZeRO-3 leaves only the partition in the tensor; DTensors report global)."""
     return getattr(p, "ds_numel", None) or p.numel()
@@ -743,6 +753,10 @@ def main(argv=None):
         dynamo_backend="inductor" if args.torch_compile else None,
     )
     engage_engine(accelerator, options)
+    if args.merge_lora and weights_sharded(accelerator):
+        raise ValueError(f"--merge_lora under {accelerator.distributed_type.value}: the weights are sharded across "
+                         "processes, so train without it and merge afterwards in one process (peft: "
+                         "PeftModel.from_pretrained(base, output_dir).merge_and_unload().save_pretrained(...))")
     say = accelerator.print
     set_seed(args.seed)
     started = time.time()
@@ -917,6 +931,8 @@ def save_output(args, accelerator, model, tokenizer, mode, summary):
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(model)
     state_dict = accelerator.get_state_dict(model)
+    if not args.lora_r:
+        unwrapped = savable_model(unwrapped)
     save = dict(is_main_process=accelerator.is_main_process, save_function=accelerator.save,
                 max_shard_size=args.max_shard_size)
     if args.lora_r:
@@ -937,6 +953,23 @@ def save_output(args, accelerator, model, tokenizer, mode, summary):
     GenerationConfig(eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id, do_sample=False
                      ).save_pretrained(output_dir)
     write_model_card(args, output_dir, mode, summary)
+
+
+def savable_model(model):
+    """The model as its own class for save_pretrained. FSDP2 turns it into a subclass FSDP<Class> defined in torch,
+    whose source files transformers would copy as the model's code; a meta-device instance of the real class (the
+    weights come from the gathered state dict) saves the folder instead."""
+    import torch
+
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch without FSDP2
+        return model
+    if not isinstance(model, FSDPModule):
+        return model
+    cls = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
+    with torch.device("meta"):
+        return cls(model.config)
 
 
 def plot_loss(metrics_path: Path, picture: Path):
