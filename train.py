@@ -538,7 +538,10 @@ def launcher_process_count():
     from accelerate.commands.config.config_args import default_config_file, load_config_from_file
     from accelerate.commands.launch import launch_command_parser
 
-    launch = launch_command_parser().parse_args(argv[argv.index("launch") + 1:])
+    try:
+        launch = launch_command_parser().parse_args(argv[argv.index("launch") + 1:])
+    except SystemExit:  # not a command line accelerate's parser reads
+        return None
     if launch.num_processes is None and (launch.config_file or os.path.isfile(default_config_file)):
         return load_config_from_file(launch.config_file).num_processes
     return launch.num_processes
@@ -585,9 +588,7 @@ def deepspeed_plugin(args, world_size: int, on_cpu: bool):
             raise ValueError(f"DeepSpeed config {path or '(from accelerate launch flags)'}: {key} is {config[key]} "
                              f"but {flag} gives {value}; set it to \"auto\" or to the same value")
         config[key] = value
-    if plugin.zero3_init_flag:
-        plugin.set_deepspeed_weakref()  # transformers' zero.Init reads this copy of the (now complete) config
-    return plugin
+    return plugin  # AcceleratorState fills mixed precision and hands transformers the config for zero.Init
 
 
 def accelerator_options(args, torch) -> dict:
