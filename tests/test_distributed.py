@@ -81,11 +81,14 @@ def test_ddp_replicates_everything(ddp_run):
 @pytest.mark.parametrize("engine", ["fsdp", "zero2", "zero3"])
 def test_engine_shards_matches_ddp_and_resumes_after_sigkill(workspace, ddp_run, tmp_path, engine):  # noqa: F811
     out = tmp_path / engine
-    killed = run_script(pretrain_args(workspace, out), launcher=launcher(engine),
+    # The same global batch as the DDP run (2 processes x 4 rows) as 2 x 2 rows x 2 accumulation steps: the
+    # engines' own accumulation boundaries (DeepSpeed's) must give the same update.
+    split = ["--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2"]
+    killed = run_script(pretrain_args(workspace, out, *split), launcher=launcher(engine),
                         env={"GLM_TRAIN_KILL_IN_CHECKPOINT": str(KILL_AT)})
     assert killed.returncode != 0
     assert (out / "checkpoints" / f"tmp-step-{KILL_AT:07d}").is_dir(), killed.stderr[-3000:]
-    resumed = run_script(pretrain_args(workspace, out, "--resume_from_checkpoint", "latest"),
+    resumed = run_script(pretrain_args(workspace, out, *split, "--resume_from_checkpoint", "latest"),
                          launcher=launcher(engine))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from {out / 'checkpoints' / f'step-{KILL_AT - CHECKPOINT_EVERY:07d}'}" in resumed.stdout
