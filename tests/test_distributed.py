@@ -155,9 +155,14 @@ def test_fsdp_with_lora_and_activation_checkpointing_matches_one_process(workspa
                         atol=WEIGHT_ATOL)
 
 
-def test_two_machines_on_localhost_match_one_machine(workspace, ddp_run, tmp_path):  # noqa: F811
+@pytest.mark.parametrize("engine", ["ddp", "fsdp", "zero3"])
+def test_two_machines_on_localhost_match_one_machine(workspace, ddp_run, tmp_path, engine):  # noqa: F811
     out, port = tmp_path / "nodes", free_port()
-    commands = [[ACCELERATE, "launch", "--multi_gpu", "--num_machines", "2", "--num_processes", "2",
+    how = {"ddp": ["--multi_gpu"], "fsdp": ["--config_file", str(CONFIGS / "fsdp.yaml")],
+           # torchrun on each machine, as the DDP and FSDP launches (accelerate's default for DeepSpeed is pdsh)
+           "zero3": ["--config_file", str(CONFIGS / "deepspeed_zero3.yaml"), "--deepspeed_multinode_launcher",
+                     "standard"]}[engine]
+    commands = [[ACCELERATE, "launch", *how, "--num_machines", "2", "--num_processes", "2",
                  "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
                  "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "train.py"),
                  *pretrain_args(workspace, out)] for rank in (0, 1)]
@@ -166,7 +171,9 @@ def test_two_machines_on_localhost_match_one_machine(workspace, ddp_run, tmp_pat
     outputs = [m.communicate(timeout=600) for m in machines]
     for machine, (_, stderr) in zip(machines, outputs):
         assert machine.returncode == 0, stderr[-3000:]
-    assert "engine DDP: a full replica on each of 2 process(es) on cpu" in outputs[0][0]
+    record, = engine_records(out)
+    assert record["num_processes"] == 2
+    assert record["distributed_type"] == {"ddp": "MULTI_CPU", "fsdp": "FSDP", "zero3": "DEEPSPEED"}[engine]
     expected, got = losses(ddp_run), losses(out)
     assert got.keys() == expected.keys()
     for step in expected:
