@@ -190,3 +190,25 @@ def test_cpu_launch_that_starts_fewer_processes_stops(workspace, tmp_path):  # n
     assert "was asked for 2 processes but started 1" in result.stderr
     assert "accelerate launch --multi_gpu --num_processes 2 train.py" in result.stderr
     assert not (out / "metrics.jsonl").exists()  # nothing trained
+
+
+def test_deepspeed_batch_accumulation_and_clipping_come_from_the_flags(tmp_path, monkeypatch):
+    import json
+
+    import train
+
+    args = train.parse_args(["--config_name", "tiny", "--train_file", "x.txt", "--per_device_train_batch_size", "4",
+                             "--gradient_accumulation_steps", "3", "--max_grad_norm", "0.5"])
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", "accelerate_configs/deepspeed_zero2.json")
+    config = train.deepspeed_plugin(args, world_size=2, on_cpu=True).deepspeed_config
+    assert (config["train_micro_batch_size_per_gpu"], config["gradient_accumulation_steps"],
+            config["train_batch_size"], config["gradient_clipping"]) == (4, 3, 24, 0.5)
+    assert config["zero_optimization"]["stage"] == 2
+    # A number in the JSON that disagrees with the flags is an error naming the key and the flag, not a silent pick.
+    shipped = json.loads((CONFIGS / "deepspeed_zero2.json").read_text())  # ZeRO-2: no zero.Init hook left behind
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({**shipped, "train_micro_batch_size_per_gpu": 16}))
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(path))
+    with pytest.raises(ValueError, match="train_micro_batch_size_per_gpu is 16 but --per_device_train_batch_size "
+                                         "gives 4"):
+        train.deepspeed_plugin(args, world_size=2, on_cpu=True)
