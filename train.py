@@ -610,10 +610,12 @@ def accelerator_options(args, torch) -> dict:
         from accelerate.utils import FullyShardedDataParallelPlugin
 
         plugin = FullyShardedDataParallelPlugin()  # from the launcher's FSDP_* environment
-        if on_cpu and (plugin.fsdp_version != 2 or world_size < 2):
-            raise RuntimeError(f"FSDP on CPU processes runs here as FSDP2 over gloo with 2+ processes; the launch "
-                               f"asks for fsdp_version {plugin.fsdp_version} with {world_size} process(es): set "
-                               "fsdp_version: 2 and --num_processes 2 or more")
+        if on_cpu and plugin.fsdp_version != 2:
+            raise RuntimeError(f"FSDP on CPU processes runs as FSDP2 (torch's fully_shard over gloo); the launch "
+                               f"config has fsdp_version {plugin.fsdp_version}: set fsdp_version: 2")
+        if on_cpu and world_size < 2:
+            raise RuntimeError("FSDP on CPU needs 2 or more processes (--num_processes 2): one CPU process gets no "
+                               "process group from accelerate, and has nothing to shard with")
         return {"fsdp_plugin": plugin, "cpu": on_cpu}
     # Several processes started by torchrun / `accelerate launch --multi_gpu` on a machine without a GPU: DDP over
     # gloo on the CPU (accelerate's own `--cpu` multi-process path needs MPI).
@@ -647,7 +649,7 @@ def engine_description(accelerator) -> str:
     from accelerate.utils import DistributedType
 
     n = accelerator.num_processes
-    where = f"{n} process(es) on {accelerator.device.type}"
+    where = f"{n} process(es) on {accelerator.device.type}" + (" (one process: it holds everything)" if n == 1 else "")
     kind = accelerator.distributed_type
     if kind == DistributedType.DEEPSPEED:
         stage = accelerator.state.deepspeed_plugin.deepspeed_config["zero_optimization"]["stage"]
