@@ -638,7 +638,7 @@ def engage_engine(accelerator, options):
     if wanted is not None and accelerator.distributed_type != wanted:
         raise RuntimeError(f"the launch asks for {wanted.value} but accelerate set up "
                            f"{accelerator.distributed_type.value}; refusing to train without the requested sharding")
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = int(os.environ.get("WORLD_SIZE", accelerator.num_processes))  # MPI launches set no WORLD_SIZE
     if accelerator.num_processes != world_size:
         raise RuntimeError(f"the launcher started {world_size} processes but accelerate sees "
                            f"{accelerator.num_processes} ({accelerator.distributed_type.value})")
