@@ -503,7 +503,7 @@ def peak_flops(args, accelerator):
 
 def matmul_params(model) -> int:
     """Parameters that take part in matrix products (the embedding lookup does not)."""
-    return sum(p.numel() for n, p in model.named_parameters() if "word_embeddings" not in n)
+    return sum(param_numel(p) for n, p in model.named_parameters() if "word_embeddings" not in n)
 
 
 def batch_flops(params: int, config, batch_shape) -> float:
@@ -515,6 +515,215 @@ def batch_flops(params: int, config, batch_shape) -> float:
 
 class NonFiniteLoss(RuntimeError):
     pass
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The distributed engine: what `accelerate launch` was asked for (its config / flags reach us as environment
+# variables), engaged for real on GPUs and on CPU processes, or refused before training.
+
+def requested_engine() -> str:
+    """'deepspeed', 'fsdp' or 'ddp' (plain data parallel, or one process), as the launcher's environment says."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        return "deepspeed"
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        return "fsdp"
+    return "ddp"
+
+
+def launcher_process_count():
+    """The process count `accelerate launch` was asked for when it started this process itself (its simple launcher,
+    used for --cpu: no WORLD_SIZE), read from the launcher's command line and config file; None otherwise."""
+    if "WORLD_SIZE" in os.environ or "ACCELERATE_USE_CPU" not in os.environ:
+        return None
+    try:
+        argv = [a.decode() for a in Path(f"/proc/{os.getppid()}/cmdline").read_bytes().split(b"\0") if a]
+    except OSError:
+        return None
+    if "launch" not in argv:
+        return None
+    from accelerate.commands.config.config_args import default_config_file, load_config_from_file
+    from accelerate.commands.launch import launch_command_parser
+
+    try:
+        launch = launch_command_parser().parse_args(argv[argv.index("launch") + 1:])
+    except SystemExit:  # not a command line accelerate's parser reads
+        return None
+    if launch.num_processes is None and (launch.config_file or os.path.isfile(default_config_file)):
+        return load_config_from_file(launch.config_file).num_processes
+    return launch.num_processes
+
+
+def check_process_count(world_size: int):
+    """Stop when the launcher was asked for several processes but started fewer (accelerate's --cpu path)."""
+    asked = launcher_process_count()
+    if asked is not None and asked > world_size:
+        raise RuntimeError(
+            f"`accelerate launch` was asked for {asked} processes but started {world_size}: its --cpu multi-process "
+            "path needs MPI (--mpirun_hostfile). On CPUs start the processes through torchrun's path, which trains "
+            f"over gloo: accelerate launch --multi_gpu --num_processes {asked} train.py ...")
+
+
+def deepspeed_plugin(args, world_size: int, on_cpu: bool):
+    """accelerate's DeepSpeedPlugin from the launch config, with the batch, accumulation and clipping values that
+    accelerate would fill from a dataloader (train.py prepares none) set from our flags."""
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError as error:
+        raise RuntimeError(f"the launch config asks for DeepSpeed but it cannot be imported ({error}): "
+                           "pip install deepspeed") from error
+    from accelerate.utils import DeepSpeedPlugin
+
+    if on_cpu:
+        from deepspeed.accelerator import get_accelerator
+
+        if get_accelerator().device_name() != "cpu":
+            raise RuntimeError(f"DeepSpeed on CPU processes needs its CPU accelerator, but it selected "
+                               f"{get_accelerator().device_name()!r}: set DS_ACCELERATOR=cpu")
+    path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if path and not os.path.isfile(path) and (ROOT / path).is_file():
+        path = str(ROOT / path)  # the shipped configs name their JSON relative to the repository
+    plugin = DeepSpeedPlugin(hf_ds_config=path) if path and path != "none" else DeepSpeedPlugin()
+    config = plugin.deepspeed_config
+    wanted = {"train_micro_batch_size_per_gpu": ("--per_device_train_batch_size", args.per_device_train_batch_size),
+              "gradient_accumulation_steps": ("--gradient_accumulation_steps", args.gradient_accumulation_steps),
+              "train_batch_size": ("--per_device_train_batch_size x --gradient_accumulation_steps x processes",
+                                   args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size),
+              "gradient_clipping": ("--max_grad_norm", args.max_grad_norm)}
+    for key, (flag, value) in wanted.items():
+        if config.get(key, "auto") not in ("auto", value):
+            raise ValueError(f"DeepSpeed config {path or '(from accelerate launch flags)'}: {key} is {config[key]} "
+                             f"but {flag} gives {value}; set it to \"auto\" or to the same value")
+        config[key] = value
+    return plugin  # AcceleratorState fills mixed precision and hands transformers the config for zero.Init
+
+
+def accelerator_options(args, torch) -> dict:
+    """Accelerator arguments that engage the requested engine. accelerate builds a process group on CPU only with
+    cpu=True (then it drops FSDP and DeepSpeed), so each engine gets its own route on a machine without GPUs."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    check_process_count(world_size)
+    on_cpu = not torch.cuda.is_available()
+    engine = requested_engine()
+    if engine == "deepspeed":
+        options = {"deepspeed_plugin": deepspeed_plugin(args, world_size, on_cpu)}
+        if on_cpu:
+            # cpu=True would turn DeepSpeed off; DeepSpeed's own process group over gloo keeps it on.
+            from accelerate.utils import InitProcessGroupKwargs
+
+            options["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
+        return options
+    if engine == "fsdp":
+        from accelerate.utils import FullyShardedDataParallelPlugin
+
+        plugin = FullyShardedDataParallelPlugin()  # from the launcher's FSDP_* environment
+        if on_cpu and plugin.fsdp_version != 2:
+            raise RuntimeError(f"FSDP on CPU processes runs as FSDP2 (torch's fully_shard over gloo); the launch "
+                               f"config has fsdp_version {plugin.fsdp_version}: set fsdp_version: 2")
+        if on_cpu and world_size < 2:
+            raise RuntimeError("FSDP on CPU needs 2 or more processes (--num_processes 2): one CPU process gets no "
+                               "process group from accelerate, and has nothing to shard with")
+        return {"fsdp_plugin": plugin, "cpu": on_cpu}
+    # Several processes started by torchrun / `accelerate launch --multi_gpu` on a machine without a GPU: DDP over
+    # gloo on the CPU (accelerate's own `--cpu` multi-process path needs MPI).
+    return {"cpu": world_size > 1 and on_cpu}
+
+
+def engage_engine(accelerator, options):
+    """Make sure the engine the launcher asked for is the one accelerate runs; stop otherwise."""
+    from accelerate import PartialState
+    from accelerate.utils import DistributedType
+
+    engine = requested_engine()
+    if engine == "fsdp" and accelerator.distributed_type != DistributedType.FSDP and options.get("cpu"):
+        # accelerate 1.15 engages FSDP only for accelerator devices (AcceleratorState's MULTI_GPU, MULTI_XPU, ...
+        # list), yet torch's FSDP2 runs over gloo on CPU: make the two assignments AcceleratorState makes there.
+        accelerator.state.distributed_type = DistributedType.FSDP
+        accelerator.state.fsdp_plugin = options["fsdp_plugin"]
+        PartialState().distributed_type = DistributedType.FSDP  # AcceleratorState() re-reads it from here
+    wanted = {"deepspeed": DistributedType.DEEPSPEED, "fsdp": DistributedType.FSDP}.get(engine)
+    if wanted is not None and accelerator.distributed_type != wanted:
+        raise RuntimeError(f"the launch asks for {wanted.value} but accelerate set up "
+                           f"{accelerator.distributed_type.value}; refusing to train without the requested sharding")
+    world_size = int(os.environ.get("WORLD_SIZE", accelerator.num_processes))  # MPI launches set no WORLD_SIZE
+    if accelerator.num_processes != world_size:
+        raise RuntimeError(f"the launcher started {world_size} processes but accelerate sees "
+                           f"{accelerator.num_processes} ({accelerator.distributed_type.value})")
+
+
+def engine_description(accelerator) -> str:
+    """The engine really in use, its sharding and the process count, in words (the start-up line)."""
+    from accelerate.utils import DistributedType
+
+    n = accelerator.num_processes
+    where = f"{n} process(es) on {accelerator.device.type}" + (" (one process: it holds everything)" if n == 1 else "")
+    kind = accelerator.distributed_type
+    if kind == DistributedType.DEEPSPEED:
+        stage = accelerator.state.deepspeed_plugin.deepspeed_config["zero_optimization"]["stage"]
+        shards = {0: "nothing sharded (plain data parallel)", 1: "optimizer states sharded",
+                  2: "optimizer states and gradients sharded", 3: "parameters, gradients and optimizer states sharded"}
+        return f"DeepSpeed ZeRO-{stage}: {shards[stage]} over {where}"
+    if kind == DistributedType.FSDP:
+        plugin = accelerator.state.fsdp_plugin
+        full = plugin.reshard_after_forward in (True, "FULL_SHARD") or \
+            getattr(plugin.reshard_after_forward, "name", "") == "FULL_SHARD"
+        sharding = ("parameters, gradients and optimizer states sharded" if full else
+                    "gradients and optimizer states sharded, parameters kept after forward")
+        return f"FSDP{plugin.fsdp_version}: {sharding}, one unit per " \
+               f"{', '.join(plugin.transformer_cls_names_to_wrap or ['(auto policy)'])}, over {where}"
+    if n > 1:
+        return f"DDP: a full replica on each of {where}"
+    return f"single process on {accelerator.device.type}, nothing sharded"
+
+
+def mixed_precision_in_use(accelerator) -> str:
+    """accelerate's setting, or under DeepSpeed (which casts itself) what its config enables."""
+    if accelerator.state.deepspeed_plugin is None:
+        return accelerator.mixed_precision
+    config = accelerator.state.deepspeed_plugin.deepspeed_config
+    return next((kind for kind in ("bf16", "fp16") if config.get(kind, {}).get("enabled") is True), "no")
+
+
+def weights_sharded(accelerator) -> bool:
+    """FSDP or DeepSpeed ZeRO-3: no process holds the whole model between steps."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return True
+    return accelerator.distributed_type == DistributedType.DEEPSPEED and \
+        accelerator.state.deepspeed_plugin.deepspeed_config["zero_optimization"]["stage"] == 3
+
+
+def param_numel(p) -> int:
+    """A parameter's full element count (ZeRO-3 leaves only the partition in the tensor; DTensors report global)."""
+    return getattr(p, "ds_numel", None) or p.numel()
+
+
+def local_numel(p) -> int:
+    """The elements of a parameter (or optimizer state) this process holds."""
+    if hasattr(p, "ds_tensor"):
+        return p.ds_tensor.numel() + p.data.numel()  # ZeRO-3 partition, plus the full tensor while it is gathered
+    if hasattr(p, "to_local"):
+        return p.to_local().numel()  # FSDP2 DTensor shard
+    return p.numel()
+
+
+def engine_record(accelerator, model, optimizer) -> dict:
+    """Proof of what each process holds during training: the elements of layer 0's query_key_value weight and of
+    the AdamW first moments on this process, gathered from every process."""
+    import torch
+
+    name, weight = next((n, p) for n, p in accelerator.unwrap_model(model).named_parameters()
+                        if "layers.0.self_attention.query_key_value" in n and n.endswith("weight"))
+    inner = optimizer
+    while hasattr(inner, "optimizer"):  # accelerate's wrapper, then DeepSpeed's ZeRO optimizer, then torch's AdamW
+        inner = inner.optimizer
+    states = sum(local_numel(state["exp_avg"]) for state in inner.state.values() if "exp_avg" in state)
+    local = torch.tensor([local_numel(weight), states], device=accelerator.device)
+    gathered = accelerator.gather(local[None]).tolist()
+    return {"engine": engine_description(accelerator), "distributed_type": accelerator.distributed_type.value,
+            "num_processes": accelerator.num_processes, "block_weight": name,
+            "block_weight_numel": param_numel(weight), "block_weight_numel_per_rank": [g[0] for g in gathered],
+            "adam_state_numel_per_rank": [g[1] for g in gathered]}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -552,11 +761,9 @@ def main(argv=None):
         else:
             mixed_precision = "no"
     output_dir = Path(args.output_dir)
-    # Several processes started by torchrun / `accelerate launch --multi_gpu` on a machine without a GPU: DDP over
-    # gloo on the CPU (accelerate's own `--cpu` multi-process path needs MPI).
-    cpu_ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    options = accelerator_options(args, torch)
     accelerator = Accelerator(
-        cpu=cpu_ddp,
+        **options,
         mixed_precision=mixed_precision,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         log_with=None if args.report_to == "none" else args.report_to,
@@ -564,6 +771,11 @@ def main(argv=None):
         step_scheduler_with_optimizer=False,  # one scheduler step per optimizer step, whatever the process count
         dynamo_backend="inductor" if args.torch_compile else None,
     )
+    engage_engine(accelerator, options)
+    if args.merge_lora and weights_sharded(accelerator):
+        raise ValueError(f"--merge_lora under {accelerator.distributed_type.value}: the weights are sharded across "
+                         "processes, so train without it and merge afterwards in one process (peft: "
+                         "PeftModel.from_pretrained(base, output_dir).merge_and_unload().save_pretrained(...))")
     say = accelerator.print
     set_seed(args.seed)
     started = time.time()
@@ -584,14 +796,15 @@ def main(argv=None):
     model = build_model(args, config, tokenizer)
     config = model.config
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    n_params = sum(p.numel() for p in model.parameters())
-    n_trainable = sum(p.numel() for _, p in trainable)
+    n_params = sum(param_numel(p) for p in model.parameters())
+    n_trainable = sum(param_numel(p) for _, p in trainable)
     say(f"mode {mode}: {'streamed' if args.streaming else len(train)} training examples, "
-        f"{n_params / 1e6:.2f}M parameters ({n_trainable / 1e6:.3f}M trainable), {accelerator.num_processes} "
-        f"process(es) ({accelerator.distributed_type.value}), mixed precision {accelerator.mixed_precision}")
+        f"{n_params / 1e6:.2f}M parameters ({n_trainable / 1e6:.3f}M trainable); engine "
+        f"{engine_description(accelerator)}; mixed precision {mixed_precision_in_use(accelerator)}")
 
-    decay = [p for n, p in trainable if p.ndim >= 2]
-    no_decay = [p for n, p in trainable if p.ndim < 2]
+    # ZeRO-3 (zero3_init_flag) leaves an empty tensor in each parameter: its shape is ds_shape.
+    decay = [p for n, p in trainable if len(getattr(p, "ds_shape", p.shape)) >= 2]
+    no_decay = [p for n, p in trainable if len(getattr(p, "ds_shape", p.shape)) < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=args.learning_rate,
                                   betas=(args.adam_beta1, args.adam_beta2), fused=torch.cuda.is_available())
@@ -670,6 +883,12 @@ def main(argv=None):
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        if step == start_step + 1:
+            record = engine_record(accelerator, model, optimizer)
+            log({"step": step, **record})
+            say(f"engine check at step {step}: layer 0 query_key_value.weight ({record['block_weight_numel']} "
+                f"elements) held per process {record['block_weight_numel_per_rank']}, AdamW moment elements per "
+                f"process {record['adam_state_numel_per_rank']}")
 
         loss_value = (accelerator.reduce(loss_sum, "sum") / global_tokens).item()
         if not math.isfinite(loss_value):
@@ -736,6 +955,8 @@ def save_output(args, accelerator, model, tokenizer, mode, summary):
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(model)
     state_dict = accelerator.get_state_dict(model)
+    if not args.lora_r:
+        unwrapped = savable_model(unwrapped)
     save = dict(is_main_process=accelerator.is_main_process, save_function=accelerator.save,
                 max_shard_size=args.max_shard_size)
     if args.lora_r:
@@ -757,6 +978,23 @@ def save_output(args, accelerator, model, tokenizer, mode, summary):
     GenerationConfig(eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id, do_sample=False
                      ).save_pretrained(output_dir)
     write_model_card(args, output_dir, mode, summary)
+
+
+def savable_model(model):
+    """The model as its own class for save_pretrained. FSDP2 turns it into a subclass FSDP<Class> defined in torch,
+    whose source files transformers would copy as the model's code; a meta-device instance of the real class (the
+    weights come from the gathered state dict) saves the folder instead."""
+    import torch
+
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch without FSDP2
+        return model
+    if not isinstance(model, FSDPModule):
+        return model
+    cls = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
+    with torch.device("meta"):
+        return cls(model.config)
 
 
 def plot_loss(metrics_path: Path, picture: Path):
