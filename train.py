@@ -886,9 +886,11 @@ def main(argv=None):
         if step == start_step + 1:
             record = engine_record(accelerator, model, optimizer)
             log({"step": step, **record})
-            say(f"engine check at step {step}: layer 0 query_key_value.weight ({record['block_weight_numel']} "
-                f"elements) held per process {record['block_weight_numel_per_rank']}, AdamW moment elements per "
-                f"process {record['adam_state_numel_per_rank']}")
+            if accelerator.num_processes > 1 and accelerator.is_main_process:  # what each process really holds
+                progress.write(f"engine check at step {step}: layer 0 query_key_value.weight "
+                               f"({record['block_weight_numel']} elements) held per process "
+                               f"{record['block_weight_numel_per_rank']}, AdamW moment elements per process "
+                               f"{record['adam_state_numel_per_rank']}")
 
         loss_value = (accelerator.reduce(loss_sum, "sum") / global_tokens).item()
         if not math.isfinite(loss_value):
