@@ -254,6 +254,10 @@ def test_output_folder_loads_through_automodel_in_a_fresh_process(workspace, tmp
     assert "tokenizer" not in names  # the from-scratch working copy is not left in the Hub folder
     config = json.loads((out / "config.json").read_text())
     assert config["auto_map"]["AutoModel"] == "modeling_glm.ChatGLMForConditionalGeneration"
+    tokenizer_config = json.loads((out / "tokenizer_config.json").read_text())
+    assert tokenizer_config["model_max_length"] == config["seq_length"] == TINY["seq_length"]
+    assert tokenizer_config["split_special_tokens"] is False
+    assert not set(tokenizer_config) & set(glm.tokenization.LOAD_TIME_KEYS)  # a Hub folder holds no load options
     generation = json.loads((out / "generation_config.json").read_text())
     card = (out / "README.md").read_text()
     assert card.startswith("---\nlicense: mit\nlibrary_name: transformers\npipeline_tag: text-generation\n")
