@@ -762,8 +762,9 @@ class ChatGLMTokenizer(PreTrainedTokenizerFast):
             texts = super().apply_chat_template(chats, tools=tools, documents=documents, chat_template=chat_template,
                                                 tokenize=False, **options, **kwargs)
             return texts if batched else texts[0]
-        if return_assistant_tokens_mask and continue_final_message:
-            raise ValueError("continue_final_message is not compatible with return_assistant_tokens_mask")
+        return_dict = _RETURN_DICT_DEFAULT if return_dict is None else return_dict
+        if return_assistant_tokens_mask and (continue_final_message or not return_dict):
+            raise ValueError("return_assistant_tokens_mask=True needs return_dict=True and no continue_final_message")
         texts, spans = render_jinja_template(
             conversations=[_mark(chat, self._user_control_re) for chat in chats],
             tools=_mark(tools, self._user_control_re), documents=documents,
@@ -779,7 +780,7 @@ class ChatGLMTokenizer(PreTrainedTokenizerFast):
             cut = (lambda x: x[:max_length]) if self.truncation_side == "right" else (lambda x: x[-max_length:])
             ids = [cut(x) for x in ids]
             masks = masks and [cut(x) for x in masks]
-        if not (_RETURN_DICT_DEFAULT if return_dict is None else return_dict):
+        if not return_dict:
             if return_tensors is not None:
                 return BatchEncoding({"input_ids": ids}, tensor_type=return_tensors)["input_ids"]
             return ids if batched else ids[0]
@@ -790,7 +791,9 @@ class ChatGLMTokenizer(PreTrainedTokenizerFast):
             left = self.padding_side == "left"
             masks = [[0] * (w - len(m)) + m if left else m + [0] * (w - len(m)) for m, w in zip(masks, width)]
             out["assistant_masks"] = masks if batched or return_tensors else masks[0]
-        return out.convert_to_tensors(return_tensors) or out if return_tensors else out
+        if return_tensors:
+            out.convert_to_tensors(return_tensors)
+        return out
 
     def _encode_rendered(self, text):
         """Encode a chat rendered from marked messages: control strings are control tokens, marked ones text.
