@@ -109,7 +109,11 @@ def parse_args(argv=None):
     tune.add_argument("--prefix_projection", action="store_true", help="P-tuning v2 prefix through a 2-layer MLP.")
     out = parser.add_argument_group("output, logging, checkpoints")
     out.add_argument("--output_dir", default="output/glm-skills", help="Where the model folder, checkpoints and "
-                     "metrics.jsonl go.")
+                     "metrics.jsonl go. A folder holding a run or other files is refused unless "
+                     "--resume_from_checkpoint or --overwrite_output_dir is given.")
+    out.add_argument("--overwrite_output_dir", action="store_true", help="Start over in an --output_dir that holds "
+                     "a run: train.py's own files there (weights, config, tokenizer, card, metrics, checkpoints) are "
+                     "replaced; any other file is left untouched.")
     out.add_argument("--logging_steps", type=int, help="Log loss, lr, tokens/s and MFU every N steps.")
     out.add_argument("--eval_steps", type=int, help="Evaluate validation loss and perplexity every N steps.")
     out.add_argument("--checkpointing_steps", type=int, help="accelerator.save_state every N steps (atomic).")
@@ -142,7 +146,63 @@ def parse_args(argv=None):
         parser.error("--merge_lora needs --lora_r")
     if args.lora_r and args.pre_seq_len:
         parser.error("choose one of --lora_r and --pre_seq_len")
+    check_flag_values(parser, args)
     return args
+
+
+# Every learned vocabulary holds the 259 reserved pieces (<unk> <s> </s> and 256 bytes) and the 9 control tokens
+# (tokenization_glm.GLM3_RESERVED_PIECES / GLM3_CONTROL_TOKENS); a test checks the figure.
+MIN_TOKENIZER_VOCAB = 259 + 9 + 1
+
+
+def check_flag_values(parser, args):
+    """Range checks at parse time: a bad value stops here, naming its flag, before anything is loaded or written."""
+    def bad(flag, why):
+        parser.error(f"--{flag} {getattr(args, flag)!r}: {why}")
+
+    def finite(flag):
+        value = getattr(args, flag)
+        if value is not None and not math.isfinite(value):
+            bad(flag, "must be a finite number")
+        return value
+
+    at_least = {"per_device_train_batch_size": 1, "per_device_eval_batch_size": 1, "gradient_accumulation_steps": 1,
+                "block_size": 1, "eval_steps": 1, "logging_steps": 1, "checkpointing_steps": 1,
+                "max_train_steps": 1, "max_train_samples": 1, "max_eval_samples": 1, "num_warmup_steps": 0,
+                "checkpoints_total_limit": 0, "preprocessing_num_workers": 1, "dataloader_num_workers": 0,
+                "builtin_train_examples": 1, "builtin_heldout_examples": 3, "lora_r": 1, "lora_alpha": 1,
+                "pre_seq_len": 1, "tokenizer_vocab_size": MIN_TOKENIZER_VOCAB, "seed": 0}
+    for flag, low in at_least.items():
+        value = getattr(args, flag)
+        if value is not None and value < low:
+            bad(flag, f"must be at least {low}")
+    if not 0 <= args.seed < 2 ** 32:
+        bad("seed", "must be below 2**32 (numpy's seed range)")
+    if not 0 < args.validation_split_percentage < 100:
+        bad("validation_split_percentage", "must be between 1 and 99")
+    if not finite("learning_rate") > 0:
+        bad("learning_rate", "must be positive")
+    if not finite("max_grad_norm") >= 0:
+        bad("max_grad_norm", "must be >= 0 (0 turns clipping off)")
+    if finite("weight_decay") is not None and args.weight_decay < 0:
+        bad("weight_decay", "must be >= 0")
+    for flag in ("adam_beta1", "adam_beta2"):
+        if not 0 <= finite(flag) < 1:
+            bad(flag, "must be in [0, 1)")
+    if not finite("num_train_epochs") > 0:
+        bad("num_train_epochs", "must be positive")
+    if not 0 <= finite("lora_dropout") < 1:
+        bad("lora_dropout", "must be in [0, 1)")
+    if args.peak_tflops is not None and not finite("peak_tflops") > 0:
+        bad("peak_tflops", "must be positive")
+    if not args.output_dir:
+        parser.error("--output_dir must not be empty")
+    if args.prefix_projection and not args.pre_seq_len:
+        parser.error("--prefix_projection needs --pre_seq_len")
+    if (args.lora_alpha is not None or args.lora_dropout) and not args.lora_r:
+        parser.error("--lora_alpha / --lora_dropout need --lora_r")
+    if args.overwrite_output_dir and args.resume_from_checkpoint:
+        parser.error("choose one of --overwrite_output_dir (start over) and --resume_from_checkpoint (continue)")
 
 
 # ---------------------------------------------------------------------------------------------------------------
