@@ -474,6 +474,8 @@ def prepare_data(args, accelerator, tokenizer_holder):
             raise ValueError("empty dataset: the train split has 0 rows")
         columns = train.column_names
     mode = data_glm.detect_mode(columns, args.text_column, args.conversations_column, args.mode)
+    # Every row, with its file and line, before a tokenizer is trained on them or anything is written.
+    data_glm.check_rows(raw, mode, args.text_column, args.conversations_column, args.max_train_samples)
     if "validation" in raw and not args.streaming and len(raw["validation"]) == 0:
         raise ValueError("empty dataset: the validation split has 0 rows")
     if args.max_train_samples is not None and not args.streaming:
@@ -484,11 +486,17 @@ def prepare_data(args, accelerator, tokenizer_holder):
     with accelerator.main_process_first():
         if mode == "pretrain":
             # encode_batch_ids: our tokenizer's offset-free batch path (same ids as __call__, ~1.4x faster).
-            docs = raw.map(lambda batch: {"input_ids": tokenizer.encode_batch_ids(batch[args.text_column],
-                                                                                  add_special_tokens=False)},
-                           batched=True, remove_columns=columns,
-                           **({} if args.streaming else {"num_proc": args.preprocessing_num_workers}))
-            docs = data_glm.carve_validation(docs, args.validation_split_percentage, args.seed)
+            # Long lines are cut into pieces first (data_glm.TEXT_PIECE_CHARS): memory is bounded by a batch of
+            # pieces whatever the line length. Ids at a cut may differ from tokenizing the line whole (each piece
+            # gets the dummy prefix); the pieces stay one document.
+            proc = {} if args.streaming else {"num_proc": args.preprocessing_num_workers}
+            # Documents are carved into validation before they are cut, so a document's pieces stay together.
+            raw = data_glm.carve_validation(raw, args.validation_split_percentage, args.seed)
+            pieces = raw.map(data_glm.split_long_texts, fn_kwargs={"column": args.text_column}, batched=True,
+                             remove_columns=columns, **proc)
+            docs = pieces.map(lambda batch: {"input_ids": tokenizer.encode_batch_ids(batch[args.text_column],
+                                                                                     add_special_tokens=False)},
+                              batched=True, remove_columns=[args.text_column], **proc)
             splits = {name: pack_docs(docs[name], tokenizer, args.block_size, args) for name in docs}
         else:
             tokenized = {name: data_glm.tokenize_sft(raw[name], tokenizer, args.conversations_column,
@@ -517,14 +525,15 @@ def pack_docs(docs, tokenizer, block_size, args):
     eos = tokenizer.eos_token_id
 
     def pack(batch):
-        joined = list(itertools.chain.from_iterable(ids + [eos] for ids in batch["input_ids"]))
+        joined = list(itertools.chain.from_iterable(ids if more else ids + [eos]
+                                                    for ids, more in zip(batch["input_ids"], batch["continues"])))
         total = len(joined) // block_size * block_size
         blocks = [joined[i:i + block_size] for i in range(0, total, block_size)]
         return {"input_ids": blocks, "labels": blocks}
 
     extra = {} if args.streaming else {"num_proc": args.preprocessing_num_workers,
                                        "desc": f"packing into blocks of {block_size}"}
-    return docs.map(pack, batched=True, batch_size=1000, remove_columns=["input_ids"],
+    return docs.map(pack, batched=True, batch_size=1000, remove_columns=["input_ids", "continues"],
                     **extra)
 
 
