@@ -366,6 +366,8 @@ class ChatGLMTokenizer(PreTrainedTokenizerFast):
             >>> tokenizer.encode_batch_ids(["你好", "hello"])
             [[64790, 64792, 36474, 54591], [64790, 64792, 24954]]
         """
+        if isinstance(texts, str):  # a str is one text, not a batch of characters
+            raise TypeError("texts must be a list of str (a batch); for one text use encode_batch_ids([text])")
         texts = list(texts)
         _check_text(texts, "texts")
         backend = self.backend_tokenizer
