@@ -307,19 +307,16 @@ def load_or_train_tokenizer(args, accelerator, raw_train, mode, checkpoint=None)
 
         tokenizer = glm.tokenization.train_glm_tokenizer(tokenizer_corpus(raw_train, mode, args),
                                                          vocab_size=args.tokenizer_vocab_size)
-        # Resumes trust the working copy: written whole into a temporary folder, fsynced, then renamed into place.
+        # Resumes trust the working copy: written whole into a temporary folder and fsynced here, renamed into place
+        # by start_output_dir once the model is built (nothing else of the folder changes before that).
         if temporary.exists():
-            shutil.rmtree(temporary)
+            shutil.rmtree(temporary)  # an interrupted earlier copy
         tokenizer.save_pretrained(temporary)
         if os.environ.get("GLM_TRAIN_KILL_IN_TOKENIZER"):
             os.kill(os.getpid(), signal.SIGKILL)  # test hook: die with the copy written but not renamed
         _fsync_tree(temporary)
-        if work.exists():
-            shutil.rmtree(work)  # a new run's: no checkpoint uses it (check_output_dir)
-        os.rename(temporary, work)
-        _fsync_dir(output_dir)
     accelerator.wait_for_everyone()
-    return AutoTokenizer.from_pretrained(work, trust_remote_code=True)
+    return AutoTokenizer.from_pretrained(temporary, trust_remote_code=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -382,7 +379,9 @@ def check_output_dir(args, checkpoint):
         raise OutputDirError(f"--output_dir {folder}: {_listing(folder, intruders)} in checkpoints/ is not a "
                              "checkpoint train.py wrote (no completion or started marker); checkpoints/ is "
                              "train.py's own folder, so move it out and start again")
-    stale = [p for p in own if p.name == TOKENIZER_TEMPORARY or TEMPORARY_CHECKPOINT_NAME.fullmatch(p.name)]
+    # tokenizer.tmp is start_output_dir's to handle (by then it may hold this run's new copy).
+    own = [p for p in own if p.name != TOKENIZER_TEMPORARY]
+    stale = [p for p in own if TEMPORARY_CHECKPOINT_NAME.fullmatch(p.name)]
     kept = [p for p in own if p not in stale]
     if checkpoint is not None:
         return stale, foreign
@@ -403,10 +402,12 @@ def check_output_dir(args, checkpoint):
     return stale, []
 
 
-def start_output_dir(args, accelerator, plan):
-    """The run's first write: create the folder and remove what check_output_dir planned (main process)."""
+def start_output_dir(args, accelerator, plan, new_tokenizer: bool):
+    """Once data, tokenizer and model are ready (so bad input has had its chance to stop the run): create the folder,
+    remove what check_output_dir planned, and rename a from-scratch run's new tokenizer copy into place."""
     remove, foreign = plan
     output_dir = Path(args.output_dir)
+    work, temporary = output_dir / TOKENIZER_COPY, output_dir / TOKENIZER_TEMPORARY
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -418,6 +419,13 @@ def start_output_dir(args, accelerator, plan):
                 shutil.rmtree(path)
             elif path.exists():
                 path.unlink()
+        if new_tokenizer:
+            if work.exists():
+                shutil.rmtree(work)  # a new run's: no checkpoint uses the old copy (check_output_dir)
+            os.rename(temporary, work)
+            _fsync_dir(output_dir)
+        elif temporary.exists():
+            shutil.rmtree(temporary)  # an interrupted copy of an earlier start
     accelerator.wait_for_everyone()
 
 
@@ -814,14 +822,16 @@ def main(argv=None):
         args.block_size = min(1024, config.seq_length)
     if args.block_size > config.seq_length:
         raise ValueError(f"--block_size {args.block_size} is beyond the model's seq_length {config.seq_length}")
-
-    def holder(raw_train, mode):  # called once the data is read and checked: the run's first write
-        start_output_dir(args, accelerator, output_plan)
-        return load_or_train_tokenizer(args, accelerator, raw_train, mode, checkpoint)
-
+    holder = lambda raw_train, mode: load_or_train_tokenizer(args, accelerator, raw_train, mode, checkpoint)  # noqa
     mode, tokenizer, train, validation, heldout = prepare_data(args, accelerator, holder)
     collate = data_glm.Collator(tokenizer.pad_token_id)
     model = build_model(args, config, tokenizer)
+    new_tokenizer = not (args.tokenizer_name or args.model_name_or_path or checkpoint)
+    start_output_dir(args, accelerator, output_plan, new_tokenizer)  # the first change to --output_dir
+    if new_tokenizer:  # the same tokenizer, from where resumes will find it
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(output_dir / TOKENIZER_COPY, trust_remote_code=True)
     config = model.config
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     n_params = sum(p.numel() for p in model.parameters())

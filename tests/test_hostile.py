@@ -252,10 +252,13 @@ def test_checkpoint_with_fewer_layers_than_config_is_refused(workspace, tmp_path
     with pytest.raises(ValueError, match=r"lacks \d+ weight\(s\).*transformer\.encoder\.layers\.2\."):
         glm.ChatGLMForConditionalGeneration.from_pretrained(base)
     out = tmp_path / "out"
+    fake_finished_run(out)
+    before = snapshot(out)
     with pytest.raises(ValueError, match="transformer.encoder.layers.3"):
         train.main(["--model_name_or_path", str(base), "--train_file", str(workspace / "chats.jsonl"),
-                    "--output_dir", str(out), "--max_train_steps", "1", "--block_size", "64"])
-    assert not out.exists() or snapshot(out) == {}
+                    "--output_dir", str(out), "--max_train_steps", "1", "--block_size", "64",
+                    "--overwrite_output_dir"])
+    assert snapshot(out) == before  # even with --overwrite_output_dir: nothing goes before the model is built
     # New heads stay allowed: a P-tuning prefix added to a base model, a classifier on a causal-LM checkpoint.
     ok = tmp_path / "ok"
     _short_checkpoint(ok, config_layers=2, keep_layers=2)
@@ -345,16 +348,28 @@ def test_resume_with_ptuning_is_exact(workspace, tmp_path):  # noqa: F811
 # The tokenizer working copy is atomic; the NaN stop names a finite checkpoint
 
 def test_kill_while_writing_the_tokenizer_copy_needs_no_cleanup(workspace, tmp_path):  # noqa: F811
+    from transformers import AutoTokenizer
+
     out = tmp_path / "out"
     argv = ["--config_name", str(workspace / "tiny.json"), "--train_file", str(workspace / "chats.jsonl"),
-            "--output_dir", str(out), "--tokenizer_vocab_size", "300", "--max_train_steps", "2", "--block_size", "64",
-            "--per_device_train_batch_size", "8"]
+            "--output_dir", str(out), "--tokenizer_vocab_size", "300", "--max_train_steps", "3", "--block_size", "64",
+            "--per_device_train_batch_size", "8", "--checkpointing_steps", "1", "--checkpoints_total_limit", "5"]
     killed = run_script(argv, env={"GLM_TRAIN_KILL_IN_TOKENIZER": "1"})
     assert killed.returncode == -9
     assert (out / train.TOKENIZER_TEMPORARY).is_dir() and not (out / train.TOKENIZER_COPY).exists()
-    train.main(argv)  # the next start needs no hand cleanup: the interrupted copy is ours and is replaced
+    # The next start needs no hand cleanup (the interrupted copy is train.py's and is replaced); killed again
+    # inside the second checkpoint, it leaves the renamed working copy that a resume must use.
+    killed = run_script(argv, env={"GLM_TRAIN_KILL_IN_CHECKPOINT": "2"})
+    assert killed.returncode == -9, killed.stderr[-3000:]
     assert not (out / train.TOKENIZER_TEMPORARY).exists()
-    assert (out / "tokenizer.json").exists() and (out / "model.safetensors").exists()
+    vocab = AutoTokenizer.from_pretrained(out / train.TOKENIZER_COPY, trust_remote_code=True).get_vocab()
+    train.main(argv + ["--resume_from_checkpoint", "latest"])
+    assert (out / "model.safetensors").exists() and not (out / train.TOKENIZER_COPY).exists()
+    assert AutoTokenizer.from_pretrained(out, trust_remote_code=True).get_vocab() == vocab
+    # Resuming a finished run (its working copy gone) for more steps uses the folder's own tokenizer.
+    train.main([a if a != "3" else "4" for a in argv] + ["--resume_from_checkpoint", "latest"])
+    assert max(losses(out)) == 4
+    assert AutoTokenizer.from_pretrained(out, trust_remote_code=True).get_vocab() == vocab
 
 
 def test_nan_stop_names_a_checkpoint_with_finite_weights(workspace, tmp_path):  # noqa: F811
