@@ -51,10 +51,30 @@ def _literal_tool_call(source: str) -> dict:
             raise ValueError(f"argument {keyword.arg!r} given twice")
         # literal_eval takes constants and containers of constants only: no names, calls or attributes.
         try:
-            parameters[keyword.arg] = ast.literal_eval(keyword.value)
+            value = ast.literal_eval(keyword.value)
         except ValueError:
             raise ValueError(f"argument {keyword.arg!r} is not a literal: {ast.unparse(keyword.value)[:200]}")
+        parameters[keyword.arg] = _json_value(value, keyword.arg)
     return parameters
+
+
+def _json_value(value, where: str):
+    """`value` if it is a JSON value (dict with str keys, list, str, int, finite float, bool, None), recursively;
+    tuples become lists (a Python literal's natural spelling of a JSON array). Anything else that literal_eval
+    makes (set, bytes, complex, Ellipsis, inf from 1e999) raises ValueError naming the argument."""
+    if value is None or isinstance(value, (str, bool, int)):
+        return value
+    if isinstance(value, float):
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ValueError(f"argument {where!r} is {value}, not a JSON number")
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_json_value(item, f"{where}[{i}]") for i, item in enumerate(value)]
+    if isinstance(value, dict):
+        if not all(isinstance(key, str) for key in value):
+            raise ValueError(f"argument {where!r} has a non-string key: JSON object keys are strings")
+        return {key: _json_value(item, f"{where}.{key}") for key, item in value.items()}
+    raise ValueError(f"argument {where!r} is a {type(value).__name__}, not a JSON value")
 
 
 def parse_tool_call(name: str, text: str) -> dict:
@@ -80,13 +100,17 @@ def parse_tool_call(name: str, text: str) -> dict:
         if body.startswith("tool_call"):
             parameters = _literal_tool_call(body)
         else:
-            parameters = json.loads(body)
+            parameters = json.loads(body, parse_constant=_reject_constant)  # NaN / Infinity are not JSON
             if not isinstance(parameters, dict):
                 raise ValueError(f"arguments must be a JSON object, got {type(parameters).__name__}")
     # Whatever the model wrote (deep nesting, huge numbers, bad syntax), the reply must survive.
     except Exception as error:  # noqa: BLE001
         return {"name": name, "parameters": None, "content": text, "error": f"{type(error).__name__}: {error}"}
     return {"name": name, "parameters": parameters}
+
+
+def _reject_constant(name):
+    raise ValueError(f"{name} is not a JSON value")
 
 
 def _tools_enabled(history) -> bool:
@@ -145,20 +169,33 @@ class ChatCache:
 
 
 class _TokenQueue(BaseStreamer):
-    """Hands the ids generate() produces to another thread; the prompt (its first put) is skipped."""
+    """Hands the ids generate() produces to another thread; the prompt (its first put) is skipped.
 
-    def __init__(self):
-        self.queue = queue.Queue()
+    The queue is bounded: when the consumer is `maxsize` steps behind, generate() waits inside put() (checking
+    every 0.1 s whether the consumer has gone), so a stream nobody pulls from stops computing after at most
+    `maxsize` + 1 more steps. Once `gone` is set, puts are dropped and the stopping criterion ends generate()."""
+
+    def __init__(self, gone: threading.Event, maxsize: int = 2):
+        self.queue = queue.Queue(maxsize)
+        self.gone = gone
         self.prompt_seen = False
+
+    def _put(self, item):
+        while not self.gone.is_set():
+            try:
+                self.queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
 
     def put(self, value):
         if not self.prompt_seen:
             self.prompt_seen = True
             return
-        self.queue.put(value.reshape(-1).tolist())
+        self._put(value.reshape(-1).tolist())
 
     def end(self):
-        self.queue.put(None)
+        self._put(None)
 
 
 class _StopWhenSet(StoppingCriteria):
@@ -268,6 +305,10 @@ class ChatMixin:
         `past_key_values` is a `ChatCache`, which continues the conversation when passed back with the next query,
         without running the model over it again: the same as re-encoding `history`. Earlier items carry None.
 
+        Generation runs at most 3 steps ahead of the loop: stop pulling (break out of the loop, even while the
+        generator object is still referenced) and generate() pauses within 3 steps; `close()` the generator, or let
+        it be garbage-collected, to end generate() and its thread.
+
         Example:
             >>> past = None
             >>> for response, history, past in model.stream_chat(tokenizer, "你好", history, past_key_values=past,
@@ -285,8 +326,8 @@ class ChatMixin:
         if cache is not None:
             kwargs[CACHE_FIELD] = cache
 
-        streamer = _TokenQueue()
         consumer_gone = threading.Event()
+        streamer = _TokenQueue(consumer_gone)
         stopping = StoppingCriteriaList(kwargs.pop("stopping_criteria", None) or [])
         stopping.append(_StopWhenSet(consumer_gone))
         result = {}

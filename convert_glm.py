@@ -12,6 +12,7 @@ query_key_value, the same gate-then-up fused MLP, partial_rotary_factor 0.5 and 
 
 import argparse
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -104,6 +105,69 @@ def native_config_to_glm(native, config_class):
     )
 
 
+def glm_shapes(config) -> dict:
+    """Every weight a GLM checkpoint of `config` holds, with its shape (GLM_SPEC.md section 2)."""
+    hidden, q_size = config.hidden_size, config.num_attention_heads * config.kv_channels
+    qkv = q_size + 2 * config.num_kv_heads * config.kv_channels
+    shapes = {"transformer.embedding.word_embeddings.weight": (config.padded_vocab_size, hidden),
+              "transformer.encoder.final_layernorm.weight": (hidden,),
+              "transformer.output_layer.weight": (config.padded_vocab_size, hidden)}
+    for index in range(config.num_layers):
+        prefix = GLM_LAYER.format(index)
+        shapes.update({prefix + "input_layernorm.weight": (hidden,),
+                       prefix + "self_attention.query_key_value.weight": (qkv, hidden),
+                       prefix + "self_attention.dense.weight": (hidden, q_size),
+                       prefix + "post_attention_layernorm.weight": (hidden,),
+                       prefix + "mlp.dense_h_to_4h.weight": (2 * config.ffn_hidden_size, hidden),
+                       prefix + "mlp.dense_4h_to_h.weight": (hidden, config.ffn_hidden_size)})
+        if config.add_qkv_bias:
+            shapes[prefix + "self_attention.query_key_value.bias"] = (qkv,)
+    return shapes
+
+
+def native_shapes(native) -> dict:
+    """Every weight a GlmForCausalLM checkpoint of the GlmConfig `native` holds, with its shape."""
+    hidden, q_size = native.hidden_size, native.num_attention_heads * native.head_dim
+    kv_size = native.num_key_value_heads * native.head_dim
+    shapes = {"model.embed_tokens.weight": (native.vocab_size, hidden), "model.norm.weight": (hidden,),
+              "lm_head.weight": (native.vocab_size, hidden)}
+    for index in range(native.num_hidden_layers):
+        prefix = NATIVE_LAYER.format(index)
+        shapes.update({prefix + "input_layernorm.weight": (hidden,), prefix + "post_attention_layernorm.weight":
+                       (hidden,), prefix + "self_attn.q_proj.weight": (q_size, hidden),
+                       prefix + "self_attn.k_proj.weight": (kv_size, hidden),
+                       prefix + "self_attn.v_proj.weight": (kv_size, hidden),
+                       prefix + "self_attn.o_proj.weight": (hidden, q_size),
+                       prefix + "mlp.gate_up_proj.weight": (2 * native.intermediate_size, hidden),
+                       prefix + "mlp.down_proj.weight": (hidden, native.intermediate_size)})
+        if native.attention_bias:
+            for proj, size in (("q_proj", q_size), ("k_proj", kv_size), ("v_proj", kv_size)):
+                shapes[f"{prefix}self_attn.{proj}.bias"] = (size,)
+    return shapes
+
+
+def check_state_dict(shapes: dict, expected: dict, source, num_layers: int, skip=("inv_freq",)) -> None:
+    """Refuse (ValueError naming the keys) a checkpoint whose tensors ({name: shape}) are not exactly those of its
+    config.json: a missing tensor or output layer, an extra one, a wrong shape, or another layer count."""
+    state_dict = {name: torch.Size(shape) for name, shape in shapes.items()}
+    present = {name for name in state_dict if not name.endswith(skip)}
+    missing, unexpected = sorted(set(expected) - present), sorted(present - set(expected))
+    wrong = [f"{name} {tuple(state_dict[name])} (config.json: {expected[name]})" for name in sorted(present)
+             if name in expected and tuple(state_dict[name]) != tuple(expected[name])]
+    layers = {int(m.group(1)) for name in present if (m := re.search(r"\.layers\.(\d+)\.", name))}
+    problems = []
+    if layers and layers != set(range(num_layers)):
+        problems.append(f"the weights hold {len(layers)} layers (indices {min(layers)}..{max(layers)}) but "
+                        f"config.json says num_layers {num_layers}")
+    for label, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
+        if names:
+            problems.append(f"{label}: " + ", ".join(names[:8]) + (f" and {len(names) - 8} more"
+                                                                    if len(names) > 8 else ""))
+    if problems:
+        raise ValueError(f"{source}: the checkpoint does not match its config.json, nothing was written; "
+                         + "; ".join(problems))
+
+
 def glm_to_native_state_dict(state_dict, config):
     """Rename GLM keys to GlmForCausalLM keys and split query_key_value into q/k/v (weights and biases)."""
     _check_convertible(config)
@@ -177,6 +241,24 @@ def _read_state_dict(folder: Path):
     return state_dict
 
 
+def _read_shapes(folder: Path) -> dict:
+    """{name: shape} of a folder's weights without reading them (safetensors headers, memory-mapped .bin)."""
+    from safetensors import safe_open
+
+    shapes = {}
+    files = sorted(folder.glob("*.safetensors"))
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            shapes.update({name: tuple(f.get_slice(name).get_shape()) for name in f.keys()})
+    if not files:
+        for file in sorted(folder.glob("pytorch_model*.bin")):
+            shapes.update({k: tuple(v.shape) for k, v in torch.load(file, map_location="cpu", weights_only=True,
+                                                                     mmap=True).items()})
+    if not shapes:
+        raise FileNotFoundError(f"no *.safetensors or pytorch_model*.bin weights in {folder}")
+    return shapes
+
+
 def _write_folder(state_dict, config, dst: Path, src: Path, max_shard_size="5GB"):
     from huggingface_hub import save_torch_state_dict
 
@@ -233,7 +315,9 @@ def convert_checkpoint(src, dst, to: str) -> None:
         config = ChatGLMConfig(**{k: v for k, v in config_dict.items() if k not in ("auto_map", "architectures")})
         native = glm_config_to_native(config)
         native.architectures = ["GlmForCausalLM"]
-        _write_folder(glm_to_native_state_dict(_read_state_dict(src), config), native, dst, src)
+        state_dict = _read_state_dict(src)
+        check_state_dict({k: v.shape for k, v in state_dict.items()}, glm_shapes(config), src, config.num_layers)
+        _write_folder(glm_to_native_state_dict(state_dict, config), native, dst, src)
         write_native_tokenizer(src, dst, config.seq_length)
     elif to == "glm":
         from transformers import GlmConfig
@@ -243,7 +327,10 @@ def convert_checkpoint(src, dst, to: str) -> None:
         native = GlmConfig.from_pretrained(str(src))
         config = native_config_to_glm(native, ChatGLMConfig)
         config.architectures = ["ChatGLMForConditionalGeneration"]
-        _write_folder(native_to_glm_state_dict(_read_state_dict(src), config.num_layers), config, dst, src)
+        state_dict = _read_state_dict(src)
+        check_state_dict({k: v.shape for k, v in state_dict.items()}, native_shapes(native), src,
+                         native.num_hidden_layers)
+        _write_folder(native_to_glm_state_dict(state_dict, config.num_layers), config, dst, src)
         tokenizer = _load_our_tokenizer(src)
         if tokenizer is not None:  # our tokenizer class again, with auto_map, for build_chat_input and chat()
             (dst / "tokenizer_config.json").unlink(missing_ok=True)
@@ -267,14 +354,22 @@ def adopt_code(src, dst) -> None:
     src, dst = Path(src), Path(dst)
     if not (src / "config.json").exists():
         raise FileNotFoundError(f"{src / 'config.json'} is missing: not a checkpoint folder")
+    config = json.loads((src / "config.json").read_text())
+    if config.get("model_type") != "chatglm":
+        raise ValueError(f"{src / 'config.json'}: model_type is {config.get('model_type')!r}, expected 'chatglm'")
+    from configuration_glm import ChatGLMConfig
+
+    # Before anything is written: every tensor present with the shape config.json gives it.
+    glm_config = ChatGLMConfig(**{k: v for k, v in config.items() if k not in ("auto_map", "architectures")})
+    expected, shapes = glm_shapes(glm_config), _read_shapes(src)
+    if glm_config.pre_seq_len:  # a P-tuning v2 checkpoint also holds its prefix encoder
+        expected.update({k: v for k, v in shapes.items() if k.startswith("transformer.prefix_encoder.")})
+    check_state_dict(shapes, expected, src, glm_config.num_layers)
     dst.mkdir(parents=True, exist_ok=True)
     if src.resolve() != dst.resolve():
         for file in src.iterdir():
             if file.is_file():
                 shutil.copy2(file, dst / file.name)
-    config = json.loads((dst / "config.json").read_text())
-    if config.get("model_type") != "chatglm":
-        raise ValueError(f"{dst / 'config.json'}: model_type is {config.get('model_type')!r}, expected 'chatglm'")
     config["auto_map"] = dict(AUTO_MAP)
     (dst / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
     tokenizer_config = dst / "tokenizer_config.json"

@@ -123,7 +123,7 @@ def _chat_parts(row, column, index):
     from local_glm import glm
 
     try:
-        return glm.tokenization.chat_parts(_drop_nulls(row[column]), _row_tools(row))
+        return glm.tokenization.chat_parts(conversation_of(row[column]), _row_tools(row))
     except ValueError as error:
         raise ValueError(f"malformed conversation in row {index}: {error}") from None
 
@@ -147,10 +147,71 @@ def data_files_builder(paths):
     return kinds.pop()
 
 
-def load_raw(args):
-    """A DatasetDict (or IterableDatasetDict with --streaming) with `train` and, when given, `validation`."""
+def read_json_rows(path):
+    """Rows of a .json / .jsonl file as written: strings stay strings, numbers numbers (datasets' json builder
+    gives a column whose type varies across rows a Json feature and decodes every value: '"quoted"' -> quoted,
+    "146" -> 146). Returns (rows, labels), labels naming each row's place ("chats.jsonl line 7").
+
+    A .json file is a JSON array of row objects, or JSON lines; a .jsonl file is JSON lines (blank lines skipped).
+    Raises ValueError naming the file and line for invalid UTF-8, a malformed line or a row that is not an object.
+    """
+    name = path
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise ValueError(f"{path} line {line}: invalid UTF-8 (byte {data[error.start]:#04x} at offset "
+                         f"{error.start}); the file must be UTF-8") from None
+    del data
+    if text.startswith("\ufeff"):
+        text = text[1:]  # a UTF-8 byte order mark
+    if path.lower().endswith(".json") and text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} line {error.lineno} column {error.colno}: malformed JSON: {error.msg}") from None
+        labels = [f"{name} row {i}" for i in range(len(rows))]
+    else:
+        rows, labels = [], []
+        for number, line in enumerate(text.split("\n"), start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path} line {number} column {error.colno}: malformed JSON line: "
+                                 f"{error.msg}") from None
+            labels.append(f"{name} line {number}")
+    for row, label in zip(rows, labels):
+        if not isinstance(row, dict):
+            raise ValueError(f"{label}: expected a JSON object (one row), got {type(row).__name__}")
+    return rows, labels
+
+
+def _json_dataset(path):
+    """A Dataset of a JSON file's rows: str values as they are, any other value as its JSON text (Arrow cannot
+    hold values whose type varies across rows; conversation_of decodes it again)."""
     import datasets
 
+    rows, labels = read_json_rows(path)
+    if not rows:
+        raise ValueError(f"empty dataset: {path} has no rows")
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    encoded = {column: [None if row.get(column) is None else row[column] if isinstance(row[column], str)
+                        else json.dumps(row[column], ensure_ascii=False) for row in rows] for column in columns}
+    features = datasets.Features({column: datasets.Value("string") for column in columns})
+    return datasets.Dataset.from_dict(encoded, features=features), (rows, labels)
+
+
+def load_raw(args):
+    """A DatasetDict (or IterableDatasetDict with --streaming) with `train` and, when given, `validation`.
+    Local JSON files are read by read_json_rows; `raw.json_rows` maps a split to (rows as read, their places in
+    the file), for check_rows."""
+    import datasets
+
+    row_labels = {}
     if args.dataset_name is not None:
         raw = datasets.load_dataset(args.dataset_name, args.dataset_config_name, streaming=args.streaming)
     else:
@@ -161,11 +222,65 @@ def load_raw(args):
             if os.path.isfile(path) and os.path.getsize(path) == 0:
                 raise ValueError(f"empty dataset: {path} is empty")
         builder = data_files_builder([f for f in files.values()])
-        kwargs = {"keep_linebreaks": True} if builder == "text" else {}
-        raw = datasets.load_dataset(builder, data_files=files, streaming=args.streaming, **kwargs)
+        if builder == "json":
+            splits = {}
+            for split, path in files.items():
+                splits[split], row_labels[split] = _json_dataset(path)
+            raw = datasets.DatasetDict(splits)
+            if args.streaming:
+                raw = datasets.IterableDatasetDict({k: v.to_iterable_dataset() for k, v in raw.items()})
+        else:
+            kwargs = {"keep_linebreaks": True} if builder == "text" else {}
+            raw = datasets.load_dataset(builder, data_files=files, streaming=args.streaming, **kwargs)
     if "train" not in raw:
         raise ValueError(f"dataset has no 'train' split (splits: {sorted(raw.keys())})")
+    raw.json_rows = row_labels
     return raw
+
+
+def check_rows(raw, mode: str, text_column: str, conversations_column: str, max_rows=None):
+    """Every row of every split, before a tokenizer is trained or anything tokenized: the text column holds
+    strings (pretraining), or the conversations column holds well-formed conversations (SFT). Raises ValueError
+    naming the file and line (local JSON) or the split and row, and what is wrong. Streams are not checked here
+    (tokenize_sft still checks each row as it comes)."""
+    import datasets
+
+    json_rows = getattr(raw, "json_rows", {})
+    column = text_column if mode == "pretrain" else conversations_column
+    for split in list(raw):
+        dataset = raw[split]
+        if split in json_rows:  # the values as the file holds them (the Dataset holds them as JSON text)
+            rows, labels = json_rows[split]
+        elif isinstance(dataset, datasets.IterableDataset):
+            continue
+        else:
+            rows, labels = dataset.select_columns([c for c in (column, "tools") if c in dataset.column_names]), None
+        total = len(labels) if labels else len(dataset)
+        count = total if max_rows is None or split != "train" else min(max_rows, total)
+        for index, row in zip(range(count), rows):
+            value = row.get(column)
+            where = labels[index] if labels else f"{split} split row {index}"
+            if mode == "pretrain":
+                if not isinstance(value, str):
+                    raise ValueError(f"{where}: text column {column!r} must be a string, got "
+                                     f"{type(value).__name__}: {value!r:.80}")
+            else:
+                try:
+                    check_messages(conversation_of(value), _row_tools(row))
+                except ValueError as error:
+                    raise ValueError(f"malformed conversation in {where}: {error}") from None
+
+
+def check_messages(messages, tools=None):
+    """The conversation format (GLM_SPEC.md section 5, and OpenAI's tool_calls / role tool) without a tokenizer:
+    what tokenize_conversation would refuse, and at least one assistant message to learn from."""
+    from local_glm import glm
+
+    if not isinstance(messages, list) or not messages:
+        raise ValueError(f"expected a non-empty list of messages, got {messages!r:.80}")
+    glm.tokenization.chat_parts(messages, tools)
+    if not any(isinstance(m, dict) and m.get("role") == "assistant" for m in messages):
+        raise ValueError("no assistant message, nothing to learn")
 
 
 def carve_validation(raw, percentage: int, seed: int):
@@ -215,6 +330,17 @@ def detect_mode(column_names, text_column: str, conversations_column: str, mode:
                      "--conversations_column)")
 
 
+def conversation_of(value):
+    """A conversations-column value as a list of messages: as it is (nulls that Arrow added dropped), or decoded
+    from JSON text (how local JSON files are held, and a column of JSON strings from any source)."""
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"the conversation is a string but not JSON ({error.msg})") from None
+    return _drop_nulls(value)
+
+
 def _drop_nulls(value):
     """Arrow gives every message every key seen in the column (absent ones as None); drop those again."""
     if isinstance(value, dict):
@@ -240,8 +366,8 @@ def tokenize_sft(dataset, tokenizer, conversations_column: str, block_size: int,
     """input_ids and labels (-100 outside assistant replies) per conversation, truncated to block_size."""
 
     def tokenize(row, index):
-        messages = _drop_nulls(row[conversations_column])
         try:
+            messages = conversation_of(row[conversations_column])
             encoded = tokenizer.tokenize_conversation(messages, max_length=block_size, tools=_row_tools(row))
         except (ValueError, KeyError, TypeError) as error:
             raise ValueError(f"malformed conversation in row {index}: {error}") from None
@@ -250,6 +376,39 @@ def tokenize_sft(dataset, tokenizer, conversations_column: str, block_size: int,
 
     kwargs = {} if streaming else {"num_proc": num_proc, "desc": "tokenizing conversations"}
     return dataset.map(tokenize, with_indices=True, remove_columns=dataset.column_names, **kwargs)
+
+
+# Pretraining texts are tokenized in pieces of at most this many characters, so the memory of tokenizing (about 40
+# bytes per character while tokenizers and Python hold the ids) is bounded by a batch of pieces, not by the longest
+# line: one 50 MB line without newlines becomes 12,800 pieces of one document.
+TEXT_PIECE_CHARS = 4096
+
+
+def text_pieces(text: str, limit: int = TEXT_PIECE_CHARS):
+    """`text` cut into pieces of at most `limit` characters: after the last newline in the window, else before the
+    last space, else at the limit. Joined they give the text back."""
+    start = 0
+    while len(text) - start > limit:
+        end = start + limit
+        cut = text.rfind("\n", start, end) + 1
+        if cut <= start:
+            cut = text.rfind(" ", start + 1, end)
+            if cut <= start:
+                cut = end
+        yield text[start:cut]
+        start = cut
+    yield text[start:]
+
+
+def split_long_texts(batch, column: str):
+    """A batched map: each text row becomes its pieces (text_pieces), `continues` True on all but a document's
+    last piece, so packing puts no eos between the pieces of one document."""
+    texts, continues = [], []
+    for text in batch[column]:
+        pieces = list(text_pieces(text))
+        texts += pieces
+        continues += [True] * (len(pieces) - 1) + [False]
+    return {column: texts, "continues": continues}
 
 
 @dataclass

@@ -326,15 +326,27 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
 
+    # Weights a checkpoint may lack: heads that are new by design (a P-tuning v2 prefix added to a base model, a
+    # sequence classifier on a causal-LM checkpoint). Any other missing weight would stay random.
+    _new_heads = ("prefix_encoder.", "classifier_head.")
+
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
-        """As PreTrainedModel.from_pretrained; a P-tuning v2 model comes back with only its prefix trainable
-        (transformers 5.x hands back loaded parameters that all require grad, undoing the freeze of __init__)."""
-        loaded = super().from_pretrained(*args, **kwargs)
-        model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True
+        """As PreTrainedModel.from_pretrained, but a checkpoint missing any block, embedding, final-norm or
+        output-layer weight is refused (ValueError naming the keys) instead of loading with random weights there;
+        a P-tuning v2 model comes back with only its prefix trainable (transformers 5.x hands back loaded
+        parameters that all require grad, undoing the freeze of __init__)."""
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        missing = sorted(k for k in info.get("missing_keys", ()) if not any(h in k for h in cls._new_heads))
+        if missing:
+            source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+            raise ValueError(f"{source}: the checkpoint lacks {len(missing)} weight(s) the config needs: "
+                             f"{', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}; check num_layers in "
+                             "config.json against the weight files")
         if model.config.pre_seq_len is not None:
             getattr(model, "transformer", model).freeze_base_model()
-        return loaded
+        return (model, info) if want_info else model
 
 
 def _prefix_length(config: ChatGLMConfig) -> int:

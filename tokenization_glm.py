@@ -634,8 +634,8 @@ class ChatGLMTokenizer(PreTrainedTokenizerFast):
             >>> tokenizer.encode_batch_ids(["你好", "hello"])
             [[64790, 64792, 36474, 54591], [64790, 64792, 24954]]
         """
-        if isinstance(texts, str):
-            raise TypeError("encode_batch_ids takes a list of texts, got one str (wrap it: [text])")
+        if isinstance(texts, str):  # a str is one text, not a batch of characters
+            raise TypeError("texts must be a list of str (a batch); for one text use encode_batch_ids([text])")
         texts = list(texts)
         _check_text(texts, "texts")
         split = self.split_special_tokens if split_special_tokens is None else split_special_tokens

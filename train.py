@@ -17,6 +17,7 @@ import argparse
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import sys
@@ -26,6 +27,20 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 PRESETS = ROOT / "presets"
 CHECKPOINT_MARKER = "checkpoint_complete.json"
+# Written first into a checkpoint's temporary folder: it tells train.py's own interrupted writes from a user's folder.
+CHECKPOINT_STARTED = "checkpoint_started.json"
+CHECKPOINT_NAME = re.compile(r"step-\d{7}")
+TEMPORARY_CHECKPOINT_NAME = re.compile(r"tmp-step-\d{7}")
+TOKENIZER_COPY, TOKENIZER_TEMPORARY = "tokenizer", "tokenizer.tmp"
+# What train.py writes into --output_dir (save_output, the model card, metrics, the tokenizer working copy); anything
+# else there is a user's file and is never deleted.
+OWN_FILES = {"config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
+             "adapter_config.json", "adapter_model.safetensors", "README.md", "loss_curve.png", "metrics.jsonl",
+             "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+             "added_tokens.json", "chat_template.jinja", "configuration_glm.py", "modeling_glm.py", "chat_glm.py",
+             "tokenization_glm.py"}
+OWN_SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+OWN_FOLDERS = {TOKENIZER_COPY, TOKENIZER_TEMPORARY, "adapter", "runs"}
 TRAINER_STATE = "trainer_state.json"
 LORA_TARGETS = ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
 # The built-in run's recipe (no data flags): tuned to reach >= 90% held-out accuracy on 2 CPU cores in minutes.
@@ -110,7 +125,12 @@ def parse_args(argv=None):
     tune.add_argument("--prefix_projection", action="store_true", help="P-tuning v2 prefix through a 2-layer MLP.")
     out = parser.add_argument_group("output, logging, checkpoints")
     out.add_argument("--output_dir", default="output/glm-skills", help="Where the model folder, checkpoints and "
-                     "metrics.jsonl go (default: output/glm-skills).")
+                     "metrics.jsonl go (default: output/glm-skills). A folder holding a run or other files is "
+                     "refused unless "
+                     "--resume_from_checkpoint or --overwrite_output_dir is given.")
+    out.add_argument("--overwrite_output_dir", action="store_true", help="Start over in an --output_dir that holds "
+                     "a run: train.py's own files there (weights, config, tokenizer, card, metrics, checkpoints) are "
+                     "replaced; any other file is left untouched.")
     out.add_argument("--logging_steps", type=int, help="Log loss, lr, tokens/s and MFU every N steps.")
     out.add_argument("--eval_steps", type=int, help="Evaluate validation loss and perplexity every N steps.")
     out.add_argument("--checkpointing_steps", type=int, help="accelerator.save_state every N steps (atomic; "
@@ -144,7 +164,63 @@ def parse_args(argv=None):
         parser.error("--merge_lora needs --lora_r")
     if args.lora_r and args.pre_seq_len:
         parser.error("choose one of --lora_r and --pre_seq_len")
+    check_flag_values(parser, args)
     return args
+
+
+# Every learned vocabulary holds the 259 reserved pieces (<unk> <s> </s> and 256 bytes) and the 9 control tokens
+# (tokenization_glm.GLM3_RESERVED_PIECES / GLM3_CONTROL_TOKENS); a test checks the figure.
+MIN_TOKENIZER_VOCAB = 259 + 9 + 1
+
+
+def check_flag_values(parser, args):
+    """Range checks at parse time: a bad value stops here, naming its flag, before anything is loaded or written."""
+    def bad(flag, why):
+        parser.error(f"--{flag} {getattr(args, flag)!r}: {why}")
+
+    def finite(flag):
+        value = getattr(args, flag)
+        if value is not None and not math.isfinite(value):
+            bad(flag, "must be a finite number")
+        return value
+
+    at_least = {"per_device_train_batch_size": 1, "per_device_eval_batch_size": 1, "gradient_accumulation_steps": 1,
+                "block_size": 1, "eval_steps": 1, "logging_steps": 1, "checkpointing_steps": 1,
+                "max_train_steps": 1, "max_train_samples": 1, "max_eval_samples": 1, "num_warmup_steps": 0,
+                "checkpoints_total_limit": 0, "preprocessing_num_workers": 1, "dataloader_num_workers": 0,
+                "builtin_train_examples": 1, "builtin_heldout_examples": 3, "lora_r": 1, "lora_alpha": 1,
+                "pre_seq_len": 1, "tokenizer_vocab_size": MIN_TOKENIZER_VOCAB, "seed": 0}
+    for flag, low in at_least.items():
+        value = getattr(args, flag)
+        if value is not None and value < low:
+            bad(flag, f"must be at least {low}")
+    if not 0 <= args.seed < 2 ** 32:
+        bad("seed", "must be below 2**32 (numpy's seed range)")
+    if not 0 < args.validation_split_percentage < 100:
+        bad("validation_split_percentage", "must be between 1 and 99")
+    if not finite("learning_rate") > 0:
+        bad("learning_rate", "must be positive")
+    if not finite("max_grad_norm") >= 0:
+        bad("max_grad_norm", "must be >= 0 (0 turns clipping off)")
+    if finite("weight_decay") is not None and args.weight_decay < 0:
+        bad("weight_decay", "must be >= 0")
+    for flag in ("adam_beta1", "adam_beta2"):
+        if not 0 <= finite(flag) < 1:
+            bad(flag, "must be in [0, 1)")
+    if not finite("num_train_epochs") > 0:
+        bad("num_train_epochs", "must be positive")
+    if not 0 <= finite("lora_dropout") < 1:
+        bad("lora_dropout", "must be in [0, 1)")
+    if args.peak_tflops is not None and not finite("peak_tflops") > 0:
+        bad("peak_tflops", "must be positive")
+    if not args.output_dir:
+        parser.error("--output_dir must not be empty")
+    if args.prefix_projection and not args.pre_seq_len:
+        parser.error("--prefix_projection needs --pre_seq_len")
+    if (args.lora_alpha is not None or args.lora_dropout) and not args.lora_r:
+        parser.error("--lora_alpha / --lora_dropout need --lora_r")
+    if args.overwrite_output_dir and args.resume_from_checkpoint:
+        parser.error("choose one of --overwrite_output_dir (start over) and --resume_from_checkpoint (continue)")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -207,23 +283,153 @@ def tokenizer_corpus(raw_train, mode, args):
     return data_glm.conversation_texts(rows, args.conversations_column)
 
 
-def load_or_train_tokenizer(args, accelerator, raw_train, mode):
-    """The given tokenizer, the model's, or (from scratch) one trained on the training data, saved for resumes."""
+def saved_tokenizer(checkpoint: Path) -> Path:
+    """The tokenizer a from-scratch run trained, for resuming it from `checkpoint`: the working copy beside its
+    checkpoints, or (a finished run, whose working copy is gone) the run folder's own tokenizer files."""
+    run_dir = Path(checkpoint).parent.parent
+    for folder in (run_dir / TOKENIZER_COPY, run_dir):
+        if (folder / "tokenizer_config.json").is_file() and (folder / "tokenizer.json").is_file():
+            return folder
+    raise FileNotFoundError(f"cannot resume from {checkpoint}: the tokenizer its run trained is neither in "
+                            f"{run_dir / TOKENIZER_COPY} nor in {run_dir}; give it with --tokenizer_name")
+
+
+def load_or_train_tokenizer(args, accelerator, raw_train, mode, checkpoint=None):
+    """The given tokenizer, the model's, or (from scratch) one trained on the training data. A new run always trains
+    a new one (the corpus or --tokenizer_vocab_size may have changed); only a resumed run reuses the saved copy."""
     from transformers import AutoTokenizer
 
     if args.tokenizer_name or args.model_name_or_path:
         return AutoTokenizer.from_pretrained(args.tokenizer_name or args.model_name_or_path, trust_remote_code=True)
-    saved = Path(args.output_dir) / "tokenizer"
-    if (Path(args.output_dir) / "tokenizer_config.json").exists():
-        saved = Path(args.output_dir)  # a finished run's folder: its final tokenizer (the working copy is gone)
-    if accelerator.is_main_process and not (saved / "tokenizer_config.json").exists():
+    if checkpoint is not None:
+        return AutoTokenizer.from_pretrained(saved_tokenizer(checkpoint), trust_remote_code=True)
+    output_dir = Path(args.output_dir)
+    work, temporary = output_dir / TOKENIZER_COPY, output_dir / TOKENIZER_TEMPORARY
+    if accelerator.is_main_process:
         from local_glm import glm
 
         tokenizer = glm.tokenization.train_glm_tokenizer(tokenizer_corpus(raw_train, mode, args),
                                                          vocab_size=args.tokenizer_vocab_size)
-        tokenizer.save_pretrained(saved)
+        # Resumes trust the working copy: written whole into a temporary folder and fsynced here, renamed into place
+        # by start_output_dir once the model is built (nothing else of the folder changes before that).
+        if temporary.exists():
+            shutil.rmtree(temporary)  # an interrupted earlier copy
+        tokenizer.save_pretrained(temporary)
+        if os.environ.get("GLM_TRAIN_KILL_IN_TOKENIZER"):
+            os.kill(os.getpid(), signal.SIGKILL)  # test hook: die with the copy written but not renamed
+        _fsync_tree(temporary)
     accelerator.wait_for_everyone()
-    return AutoTokenizer.from_pretrained(saved, trust_remote_code=True)
+    return AutoTokenizer.from_pretrained(temporary, trust_remote_code=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The output folder at start: refuse to replace a run or a user's files (run_clm's --overwrite_output_dir rule).
+
+class OutputDirError(ValueError):
+    pass
+
+
+def _own_checkpoint_entry(path: Path) -> bool:
+    """A complete checkpoint, or an interrupted write of one (empty, or carrying the started marker)."""
+    if not path.is_dir():
+        return False
+    if CHECKPOINT_NAME.fullmatch(path.name):
+        return (path / CHECKPOINT_MARKER).is_file()
+    if TEMPORARY_CHECKPOINT_NAME.fullmatch(path.name):
+        return (path / CHECKPOINT_STARTED).is_file() or not any(path.iterdir())
+    return False
+
+
+def inspect_output_dir(folder: Path):
+    """(own, foreign): train.py's entries in `folder` (checkpoints/ entries one by one) and everything else."""
+    own, foreign = [], []
+    if folder.exists() and not folder.is_dir():
+        raise OutputDirError(f"--output_dir {folder} is a file, not a folder")
+    if not folder.is_dir():
+        return own, foreign
+    for entry in sorted(folder.iterdir()):
+        if entry.name == "checkpoints" and entry.is_dir():
+            for item in sorted(entry.iterdir()):
+                (own if _own_checkpoint_entry(item) else foreign).append(item)
+        elif (entry.is_file() and (entry.name in OWN_FILES or OWN_SHARD.fullmatch(entry.name))) or \
+                (entry.is_dir() and entry.name in OWN_FOLDERS):
+            own.append(entry)
+        else:
+            foreign.append(entry)
+    return own, foreign
+
+
+def _listing(folder: Path, paths) -> str:
+    names = [str(p.relative_to(folder)) + ("/" if p.is_dir() else "") for p in paths]
+    return ", ".join(names[:15]) + (f" and {len(names) - 15} more" if len(names) > 15 else "")
+
+
+def check_output_dir(args, checkpoint):
+    """What start_output_dir removes, and the user's files it leaves; raises OutputDirError (naming the folder and
+    the files found) where starting would replace a run or someone's files. Reads only; runs before any write.
+
+    - Empty or new folder: fine. Interrupted writes of train.py (checkpoints/tmp-step-N with its started marker,
+      tokenizer.tmp) are always removed.
+    - Resuming (a checkpoint found): everything is kept; other files are left as they are.
+    - A complete checkpoint and neither flag: refused, saying how to resume or start over (no auto-resume).
+    - Any other content: refused without --overwrite_output_dir; with it train.py's own files are removed first and
+      the others are left untouched. A foreign entry inside checkpoints/ is always refused (its names are ours).
+    """
+    folder = Path(args.output_dir)
+    own, foreign = inspect_output_dir(folder)
+    intruders = [p for p in foreign if p.parent.name == "checkpoints" and p.parent.parent == folder]
+    if intruders:
+        raise OutputDirError(f"--output_dir {folder}: {_listing(folder, intruders)} in checkpoints/ is not a "
+                             "checkpoint train.py wrote (no completion or started marker); checkpoints/ is "
+                             "train.py's own folder, so move it out and start again")
+    # tokenizer.tmp is start_output_dir's to handle (by then it may hold this run's new copy).
+    own = [p for p in own if p.name != TOKENIZER_TEMPORARY]
+    stale = [p for p in own if TEMPORARY_CHECKPOINT_NAME.fullmatch(p.name)]
+    kept = [p for p in own if p not in stale]
+    if checkpoint is not None:
+        return stale, foreign
+    if args.overwrite_output_dir:
+        print(f"--overwrite_output_dir: replacing train.py's files in {folder}: {_listing(folder, own) or 'none'}")
+        # Checkpoints first: a kill while removing never leaves a checkpoint without its run's tokenizer copy.
+        return sorted(own, key=lambda p: p.parent.name != "checkpoints"), foreign
+    complete = [p for p in kept if CHECKPOINT_NAME.fullmatch(p.name)]
+    if complete:
+        raise OutputDirError(f"--output_dir {folder} holds a run with a complete checkpoint ({complete[-1].name}; "
+                             f"files found: {_listing(folder, kept + foreign)}); nothing was changed. Pass --resume_from_checkpoint latest to continue it, or "
+                             "--overwrite_output_dir to start over (train.py's own files there are replaced, others "
+                             "left untouched).")
+    if kept or foreign:
+        raise OutputDirError(f"--output_dir {folder} is not empty: it holds {_listing(folder, kept + foreign)}; "
+                             "nothing was changed. Use another folder, or pass --overwrite_output_dir to replace "
+                             "train.py's own files there (other files are never deleted).")
+    return stale, []
+
+
+def start_output_dir(args, accelerator, plan, new_tokenizer: bool):
+    """Once data, tokenizer and model are ready (so bad input has had its chance to stop the run): create the folder,
+    remove what check_output_dir planned, and rename a from-scratch run's new tokenizer copy into place."""
+    remove, foreign = plan
+    output_dir = Path(args.output_dir)
+    work, temporary = output_dir / TOKENIZER_COPY, output_dir / TOKENIZER_TEMPORARY
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        if foreign:
+            accelerator.print(f"note: {output_dir} also holds files train.py did not write; left untouched: "
+                              f"{_listing(output_dir, foreign)}")
+        for path in remove:
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+        if new_tokenizer:
+            if work.exists():
+                shutil.rmtree(work)  # a new run's: no checkpoint uses the old copy (check_output_dir)
+            os.rename(temporary, work)
+            _fsync_dir(output_dir)
+        elif temporary.exists():
+            shutil.rmtree(temporary)  # an interrupted copy of an earlier start
+    accelerator.wait_for_everyone()
 
 
 def build_model(args, config, tokenizer):
@@ -282,6 +488,8 @@ def prepare_data(args, accelerator, tokenizer_holder):
         columns = train.column_names
     args.conversations_column = data_glm.find_conversations_column(columns, args.conversations_column)
     mode = data_glm.detect_mode(columns, args.text_column, args.conversations_column, args.mode)
+    # Every row, with its file and line, before a tokenizer is trained on them or anything is written.
+    data_glm.check_rows(raw, mode, args.text_column, args.conversations_column, args.max_train_samples)
     if "validation" in raw and not args.streaming and len(raw["validation"]) == 0:
         raise ValueError("empty dataset: the validation split has 0 rows")
     if args.max_train_samples is not None and not args.streaming:
@@ -292,12 +500,18 @@ def prepare_data(args, accelerator, tokenizer_holder):
     with accelerator.main_process_first():
         if mode == "pretrain":
             # encode_batch_ids: our tokenizer's offset-free batch path (same ids as __call__, ~1.4x faster).
+            # Long lines are cut into pieces first (data_glm.TEXT_PIECE_CHARS): memory is bounded by a batch of
+            # pieces whatever the line length. Ids at a cut may differ from tokenizing the line whole (each piece
+            # gets the dummy prefix); the pieces stay one document.
+            proc = {} if args.streaming else {"num_proc": args.preprocessing_num_workers}
+            # Documents are carved into validation before they are cut, so a document's pieces stay together.
+            raw = data_glm.carve_validation(raw, args.validation_split_percentage, args.seed)
+            pieces = raw.map(data_glm.split_long_texts, fn_kwargs={"column": args.text_column}, batched=True,
+                             remove_columns=columns, **proc)
             # Control-token strings in a corpus ("</s>" in web text) stay text: only packing adds eos.
-            docs = raw.map(lambda batch: {"input_ids": tokenizer.encode_batch_ids(
-                               batch[args.text_column], add_special_tokens=False, split_special_tokens=True)},
-                           batched=True, remove_columns=columns,
-                           **({} if args.streaming else {"num_proc": args.preprocessing_num_workers}))
-            docs = data_glm.carve_validation(docs, args.validation_split_percentage, args.seed)
+            docs = pieces.map(lambda batch: {"input_ids": tokenizer.encode_batch_ids(
+                                  batch[args.text_column], add_special_tokens=False, split_special_tokens=True)},
+                              batched=True, remove_columns=[args.text_column], **proc)
             splits = {name: pack_docs(docs[name], tokenizer, args.block_size, args) for name in docs}
         else:
             tokenized = {name: data_glm.tokenize_sft(raw[name], tokenizer, args.conversations_column,
@@ -326,14 +540,15 @@ def pack_docs(docs, tokenizer, block_size, args):
     eos = tokenizer.eos_token_id
 
     def pack(batch):
-        joined = list(itertools.chain.from_iterable(ids + [eos] for ids in batch["input_ids"]))
+        joined = list(itertools.chain.from_iterable(ids if more else ids + [eos]
+                                                    for ids, more in zip(batch["input_ids"], batch["continues"])))
         total = len(joined) // block_size * block_size
         blocks = [joined[i:i + block_size] for i in range(0, total, block_size)]
         return {"input_ids": blocks, "labels": blocks}
 
     extra = {} if args.streaming else {"num_proc": args.preprocessing_num_workers,
                                        "desc": f"packing into blocks of {block_size}"}
-    return docs.map(pack, batched=True, batch_size=1000, remove_columns=["input_ids"],
+    return docs.map(pack, batched=True, batch_size=1000, remove_columns=["input_ids", "continues"],
                     **extra)
 
 
@@ -357,7 +572,7 @@ def complete_checkpoints(folder: Path):
     """Checkpoints that carry the completion marker, oldest first."""
     if not folder.is_dir():
         return []
-    found = [p for p in folder.iterdir() if p.name.startswith("step-") and (p / CHECKPOINT_MARKER).exists()]
+    found = [p for p in folder.iterdir() if CHECKPOINT_NAME.fullmatch(p.name) and (p / CHECKPOINT_MARKER).is_file()]
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
@@ -365,8 +580,11 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, state: dict, total
     folder = output_dir / "checkpoints"
     final = folder / f"step-{step:07d}"
     temporary = folder / f"tmp-step-{step:07d}"
-    if accelerator.is_main_process and temporary.exists():
-        shutil.rmtree(temporary)
+    if accelerator.is_main_process:
+        if temporary.exists():
+            shutil.rmtree(temporary)  # ours: check_output_dir refuses anything else under checkpoints/
+        temporary.mkdir(parents=True)
+        (temporary / CHECKPOINT_STARTED).write_text(json.dumps({"step": step}))
     accelerator.wait_for_everyone()
     accelerator.save_state(str(temporary))
     accelerator.wait_for_everyone()
@@ -407,8 +625,33 @@ def find_checkpoint(args):
         return found[-1] if found else None
     path = Path(args.resume_from_checkpoint)
     if not (path / CHECKPOINT_MARKER).exists():
-        raise ValueError(f"{path} is not a complete checkpoint (no {CHECKPOINT_MARKER})")
+        raise ValueError(f"--resume_from_checkpoint {path} is not a complete checkpoint (no {CHECKPOINT_MARKER})")
     return path
+
+
+def check_checkpoint(checkpoint: Path, num_processes: int):
+    """What accelerate's load_state would skip silently: every process's RNG file must be there and readable (an
+    exact resume needs them), and the step must be known. Raises naming the file."""
+    from accelerate.utils import load
+
+    for index in range(num_processes):
+        path = checkpoint / f"random_states_{index}.pkl"
+        try:
+            states = load(path)
+            missing = [key for key in ("random_state", "numpy_random_seed", "torch_manual_seed") if key not in states]
+        except Exception as error:  # noqa: BLE001  any unreadable file is reported the same way
+            raise ValueError(f"cannot resume from {checkpoint}: the RNG state {path} is unreadable "
+                             f"({type(error).__name__}: {error}); resume from another checkpoint") from None
+        if missing:
+            raise ValueError(f"cannot resume from {checkpoint}: the RNG state {path} lacks {missing}")
+    try:
+        step = json.loads((checkpoint / TRAINER_STATE).read_text())["step"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"cannot resume from {checkpoint}: {checkpoint / TRAINER_STATE} is unreadable "
+                         f"({type(error).__name__}: {error})") from None
+    if not (isinstance(step, int) and step >= 0):
+        raise ValueError(f"cannot resume from {checkpoint}: {checkpoint / TRAINER_STATE} step is {step!r}")
+    return step
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -443,8 +686,11 @@ def micro_batches(args, accelerator, train, collate, start_micro: int, batches_p
         sampler = data_glm.GlobalBatchSampler(len(train), args.per_device_train_batch_size,
                                               accelerator.num_processes, accelerator.process_index, args.seed,
                                               epoch=epoch, start=offset)
+        # Its own generator: creating the iterator draws a worker seed, and from the global RNG that would shift
+        # every later dropout mask of a resumed run (it creates the iterator at another step than the first run).
+        generator = torch.Generator().manual_seed(args.seed * 1000003 + epoch)
         loader = torch.utils.data.DataLoader(train, batch_sampler=sampler, collate_fn=collate,
-                                             num_workers=args.dataloader_num_workers,
+                                             num_workers=args.dataloader_num_workers, generator=generator,
                                              pin_memory=accelerator.device.type == "cuda")
         yield from loader
         epoch, offset = epoch + 1, 0
@@ -515,6 +761,22 @@ def batch_flops(params: int, config, batch_shape) -> float:
 
 class NonFiniteLoss(RuntimeError):
     pass
+
+
+def stop_if_weights_non_finite(accelerator, model, step, last_checkpoint):
+    """Before a checkpoint or the final save: the loss was computed before the optimizer step, so only the weights
+    themselves show whether that step broke them. Raises NonFiniteLoss naming the parameters."""
+    import torch
+
+    bad = [name for name, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p.detach()).all()]
+    total = accelerator.reduce(torch.tensor(float(len(bad)), device=accelerator.device), "sum").item()
+    if total:
+        names = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "") if bad else \
+            "(on another process)"
+        accelerator.end_training()
+        raise NonFiniteLoss(f"weights are not finite after step {step} ({names}): stopping before saving them. The "
+                            f"last good checkpoint is {last_checkpoint or 'none (no checkpoint was written yet)'}; "
+                            "lower --learning_rate or check the data, then resume with --resume_from_checkpoint.")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -731,6 +993,9 @@ def engine_record(accelerator, model, optimizer) -> dict:
 
 def main(argv=None):
     args = parse_args(argv)
+    # Before anything is loaded or written: the checkpoint to resume and what the output folder may lose.
+    checkpoint = find_checkpoint(args)
+    output_plan = check_output_dir(args, checkpoint)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import datasets
     import torch
@@ -779,21 +1044,23 @@ def main(argv=None):
     say = accelerator.print
     set_seed(args.seed)
     started = time.time()
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        for stale in (output_dir / "checkpoints").glob("tmp-step-*"):
-            shutil.rmtree(stale)  # a checkpoint write that never finished
-    accelerator.wait_for_everyone()
+    start_step = check_checkpoint(checkpoint, accelerator.num_processes) if checkpoint is not None else 0
 
     config = load_config(args)
     if args.block_size is None:
         args.block_size = min(1024, config.seq_length)
     if args.block_size > config.seq_length:
         raise ValueError(f"--block_size {args.block_size} is beyond the model's seq_length {config.seq_length}")
-    holder = lambda raw_train, mode: load_or_train_tokenizer(args, accelerator, raw_train, mode)  # noqa: E731
+    holder = lambda raw_train, mode: load_or_train_tokenizer(args, accelerator, raw_train, mode, checkpoint)  # noqa
     mode, tokenizer, train, validation, heldout = prepare_data(args, accelerator, holder)
     collate = data_glm.Collator(tokenizer.pad_token_id)
     model = build_model(args, config, tokenizer)
+    new_tokenizer = not (args.tokenizer_name or args.model_name_or_path or checkpoint)
+    start_output_dir(args, accelerator, output_plan, new_tokenizer)  # the first change to --output_dir
+    if new_tokenizer:  # the same tokenizer, from where resumes will find it
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(output_dir / TOKENIZER_COPY, trust_remote_code=True)
     config = model.config
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     n_params = sum(param_numel(p) for p in model.parameters())
@@ -822,12 +1089,9 @@ def main(argv=None):
                               num_training_steps=args.max_train_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
-    start_step = 0
-    checkpoint = find_checkpoint(args)
     metrics_path = output_dir / "metrics.jsonl"
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint))
-        start_step = json.loads((checkpoint / TRAINER_STATE).read_text())["step"]
         say(f"resumed from {checkpoint} at step {start_step}")
         if accelerator.is_main_process and metrics_path.exists():
             kept = [line for line in metrics_path.read_text().splitlines()
@@ -924,6 +1188,7 @@ def main(argv=None):
                                f"perplexity {perplexity:.3f}")
             window_start = time.time()  # throughput counts training only
         if args.checkpointing_steps and step % args.checkpointing_steps == 0:
+            stop_if_weights_non_finite(accelerator, model, step, last_checkpoint)
             last_checkpoint = save_checkpoint(accelerator, output_dir, step, {"step": step},
                                               args.checkpoints_total_limit)
             window_start = time.time()
@@ -931,6 +1196,7 @@ def main(argv=None):
     if start_step >= args.max_train_steps:
         eval_loss, perplexity = evaluate(args, accelerator, model, validation, collate)
 
+    stop_if_weights_non_finite(accelerator, model, args.max_train_steps, last_checkpoint)
     save_output(args, accelerator, model, tokenizer, mode, {"steps": args.max_train_steps, "final_loss": loss_value,
                                                              "eval_loss": eval_loss, "perplexity": perplexity})
     accelerator.end_training()

@@ -32,7 +32,7 @@ TOOLS = [{"name": "get_weather", "description": "天气", "parameters": {"type":
     [
         ('```python\ntool_call(city="北京", days=3)\n```', {"city": "北京", "days": 3}),
         ("```python\ntool_call(x=-1.5, flags=[True, None], opts={'a': (1, 2)})\n```",
-         {"x": -1.5, "flags": [True, None], "opts": {"a": (1, 2)}}),
+         {"x": -1.5, "flags": [True, None], "opts": {"a": [1, 2]}}),  # a tuple is a JSON array
         ("tool_call()", {}),
         ('```python\ntool_call(symbol="10111")', {"symbol": "10111"}),  # closing fence cut off
         ('{"city": "北京", "days": [1, 2]}', {"city": "北京", "days": [1, 2]}),  # GLM-4: JSON arguments

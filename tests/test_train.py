@@ -284,7 +284,7 @@ def test_output_folder_loads_through_automodel_in_a_fresh_process(workspace, tmp
 @pytest.mark.parametrize("case, message", [
     ("missing_column", "missing column: neither text column 'text' nor conversations column 'conversations'"),
     ("empty", "empty dataset"),
-    ("malformed", "malformed conversation in row 1: message 0: unknown role 'robot'"),
+    ("malformed", "malformed conversation in {path} line 2: message 0: unknown role 'robot'"),
     ("block_size", "--block_size 4096 is beyond the model's seq_length 128"),
 ])
 def test_bad_input_is_reported_before_training(workspace, tmp_path, case, message):
@@ -297,7 +297,7 @@ def test_bad_input_is_reported_before_training(workspace, tmp_path, case, messag
     argv = common(workspace, tmp_path / "out", "--train_file", str(path), "--max_train_steps", "1")
     if case == "block_size":
         argv += ["--block_size", "4096"]
-    with pytest.raises(ValueError, match=__import__("re").escape(message)):
+    with pytest.raises(ValueError, match=__import__("re").escape(message.format(path=path))):
         train.main(argv)
     assert not (tmp_path / "out" / "metrics.jsonl").exists()  # nothing trained
 
