@@ -350,10 +350,13 @@ class ChatGLMTokenizer(PreTrainedTokenizerFast):
         for name in ("eos", "pad", "unk"):
             if family[name] is not None and getattr(self, f"{name}_token") is None:
                 setattr(self, f"{name}_token", family[name])
-        # A saved bos_token that is not [gMASK] makes gguf's SpecialVocab (llama.cpp) record "add no BOS" instead of
-        # "BOS = [gMASK]", which would drop sop; ChatGLM3: SentencePiece's <s>, GLM-4: <sop> (GLM's start token).
-        if self.bos_token is None:
-            self.bos_token = "<sop>" if self.is_glm4 else "<s>"
+        # llama.cpp adds at most one BOS. gguf's SpecialVocab (in its converter) reads the template's first token,
+        # [gMASK], as that BOS unless bos_token and cls_token name another one; then the GGUF says "add no BOS" and
+        # prompts carry the whole prefix (the chat template writes it). The tokens follow RoBERTa (<s>) and GPT-2
+        # (<|endoftext|>); the ids of encode() do not change. See docs/engines.md.
+        for name in ("bos", "cls"):
+            if getattr(self, f"{name}_token") is None:
+                setattr(self, f"{name}_token", "<|endoftext|>" if self.is_glm4 else "<s>")
         if self.chat_template is None:
             self.chat_template = chat_template(self.is_glm4)
         self._specials = {token.content: i for i, token in self.added_tokens_decoder.items() if token.special}
