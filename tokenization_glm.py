@@ -21,7 +21,7 @@ import os
 import re
 import shutil
 
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import BatchEncoding, PreTrainedTokenizerFast
 
 ROLES = ("system", "user", "assistant", "observation")
@@ -292,7 +292,8 @@ class SentencePieceTokenizer:
         try:
             import sentencepiece
         except ImportError as error:
-            raise ImportError("tokenizer.tokenizer of a ChatGLM3 tokenizer needs `pip install sentencepiece`") from error
+            raise ImportError("tokenizer.tokenizer of a ChatGLM3 tokenizer needs `pip install sentencepiece`") \
+                from error
 
         self.sp_model = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
         self.n_words = self.sp_model.vocab_size()
@@ -449,7 +450,8 @@ class ChatGLMTokenizer(PreTrainedTokenizerFast):
                 )
             specials = {token.content: i for i, token in self.added_tokens_decoder.items()}
             if self.is_glm4:
-                self._original_tokenizer = _tiktoken_encoding(self.vocab_file, specials, self.backend_tokenizer.get_vocab_size(False))
+                n_ranks = self.backend_tokenizer.get_vocab_size(with_added_tokens=False)
+                self._original_tokenizer = _tiktoken_encoding(self.vocab_file, specials, n_ranks)
             else:
                 self._original_tokenizer = SentencePieceTokenizer(self.vocab_file, specials, self.backend_tokenizer)
         return self._original_tokenizer

@@ -38,10 +38,10 @@ def main():
         subprocess.run([sys.executable, str(engine_converters.llama_cpp_converter()), args.folder, "--outfile",
                         str(gguf), "--outtype", "f32"], check=True, input="y\n" * 4, text=True)
         llm = Llama(str(gguf), n_ctx=512, logits_all=False, verbose=False, type_k=0, type_v=0)  # f32 KV cache
-        failures = 0
+        failures, prefix = 0, tokenizer.get_prefix_tokens()
         for query in PROMPTS:
             for kind, ours, text in (
-                ("plain", tokenizer.encode(query), "".join(tokenizer.convert_ids_to_tokens(tokenizer.get_prefix_tokens())) + query),
+                ("plain", tokenizer.encode(query), "".join(tokenizer.convert_ids_to_tokens(prefix)) + query),
                 ("chat", tokenizer.build_chat_input(query)["input_ids"][0].tolist(),
                  tokenizer.apply_chat_template([{"role": "user", "content": query}], tokenize=False,
                                                add_generation_prompt=True)),
@@ -59,7 +59,7 @@ def main():
                 out = [t for t in out if t not in tokenizer.stop_token_ids][: len(generated) or None]
                 same = theirs == ours and generated == out
                 failures += not same
-                print(f"{'OK ' if same else 'DIFF'} {kind:5} {query!r}: ids {theirs == ours}, greedy {generated == out}")
+                print(f"{'OK ' if same else 'DIFF'} {kind} {query!r}: ids {theirs == ours}, greedy {generated == out}")
         sys.exit(1 if failures else 0)
 
 
