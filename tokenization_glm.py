@@ -696,6 +696,19 @@ class StreamDecoder:
         return self._utf8.decode(b"", final=True)
 
 
+def _train_sentencepiece(sentencepiece, lines, model_writer, vocab_size, show_progress):
+    """SentencePiece BPE with the trainer settings of chatglm3-6b's tokenizer.model (read from its trainer_spec)."""
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=lines, model_writer=model_writer, model_type="bpe", vocab_size=vocab_size,
+        hard_vocab_limit=False,  # a small corpus has fewer possible pieces than asked for
+        byte_fallback=True, split_digits=True, add_dummy_prefix=True, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, split_by_unicode_script=True,
+        split_by_whitespace=True, split_by_number=True, max_sentencepiece_length=16, character_coverage=0.9999,
+        max_sentence_length=1 << 20, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=os.cpu_count() or 1,
+        minloglevel=0 if show_progress else 2,
+    )
+
+
 def train_glm_tokenizer(texts, vocab_size, min_frequency=2, show_progress=False):
     """Train a ChatGLM3-style tokenizer the way THUDM trained theirs: SentencePiece BPE with byte fallback, split
     digits, the dummy prefix, identity normalizer and no whitespace folding (the settings of chatglm3-6b's
@@ -727,22 +740,25 @@ def train_glm_tokenizer(texts, vocab_size, min_frequency=2, show_progress=False)
     if min_frequency != 2:
         raise ValueError("min_frequency: SentencePiece's BPE trainer has no frequency floor; leave it at 2")
 
+    bad = []  # a TypeError inside the iterator reaches us wrapped in sentencepiece's RuntimeError
+
     def lines():
         for item in texts:
-            _check_text(item, "each training text")
+            try:
+                _check_text(item, "each training text")
+            except TypeError as error:
+                bad.append(error)
+                raise
             for text in [item] if isinstance(item, str) else item:
                 yield from (line for line in text.split("\n") if line.strip())
 
     model = io.BytesIO()
-    sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=lines(), model_writer=model, model_type="bpe", vocab_size=learned,
-        hard_vocab_limit=False,  # a small corpus has fewer possible pieces than asked for
-        byte_fallback=True, split_digits=True, add_dummy_prefix=True, normalization_rule_name="identity",
-        remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, split_by_unicode_script=True,
-        split_by_whitespace=True, split_by_number=True, max_sentencepiece_length=16, character_coverage=0.9999,
-        max_sentence_length=1 << 20, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=os.cpu_count() or 1,
-        minloglevel=0 if show_progress else 2,
-    )
+    try:
+        _train_sentencepiece(sentencepiece, lines(), model, learned, show_progress)
+    except RuntimeError:
+        if bad:
+            raise bad[0] from None
+        raise
     folder = tempfile.mkdtemp(prefix="glm-tokenizer-")
     path = os.path.join(folder, "tokenizer.model")
     with open(path, "wb") as file:

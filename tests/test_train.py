@@ -176,7 +176,7 @@ def test_sft_labels_are_exactly_the_replies_and_their_stop_tokens(workspace):
     tokenizer = glm.ChatGLMTokenizer.from_pretrained(workspace / "base")
     conversation = data_glm.weather_conversation(0, 0, "en", __import__("random").Random(0))
     dataset = __import__("datasets").Dataset.from_list([{"conversations": conversation}])
-    row = data_glm.tokenize_sft(dataset, tokenizer, "conversations", block_size=128)[0]
+    row = data_glm.tokenize_sft(dataset, tokenizer, "conversations", block_size=256)[0]  # the whole conversation
     ids, labels = row["input_ids"], row["labels"]
     assistant, user, observation = (tokenizer.get_command(f"<|{r}|>") for r in ("assistant", "user", "observation"))
     # Expected from the spec: after each <|assistant|>, everything up to and including the next stop token.
