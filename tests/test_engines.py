@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, glm, reference_file, tiny_config
+from conftest import ROOT, glm, tiny_config
 from safetensors.torch import load_file
 
 import engine_converters
@@ -211,10 +211,11 @@ def test_llama_cpp_converts_each_chatglm3_folder_kind(kind, request, llama_cpp, 
     check_gguf(tmp_path / "model.gguf", folder, tg.ChatGLMTokenizer.from_pretrained(folder))
 
 
-def test_glm4_folder_with_a_synthetic_vocabulary_is_refused_by_the_pre_tokenizer_hash(llama_cpp, tmp_path):
+def test_glm4_folder_is_refused_by_the_pre_tokenizer_hash_and_otherwise_converts(llama_cpp, tmp_path):
     """llama.cpp recognises GLM-4's byte-level vocabulary by the sha256 of the ids of a fixed text; only the real
     151,329-rank file gives a known hash ("chatglm-bpe"). A small ranks file (we do not have the real one) must be
-    refused with that reason, after the config and tokenizer were read through our code."""
+    refused with that reason, after the config and tokenizer were read through our code; past the hash, the GGUF
+    has our byte-level vocabulary, GLM-4's stop tokens, no BOS and every weight."""
     from test_tokenization import train_ranks
 
     from benchmarks.bench_tokenizer import mixed_text
@@ -243,6 +244,37 @@ def test_glm4_folder_with_a_synthetic_vocabulary_is_refused_by_the_pre_tokenizer
     code, log = to_gguf(llama_cpp, folder, tmp_path / "glm4.gguf", answer="y\n" * 4)
     assert code != 0 and "BPE pre-tokenizer was not recognized" in log, log[-3000:]
     assert "chkhsh" in log and "KeyError" not in log  # got as far as hashing: config and tokenizer were read
+
+    # The rest of the path, as the real vocabulary would take it: the same converter with its hash lookup answering
+    # "chatglm-bpe" (the name the real glm-4-9b-chat hash maps to; a test-only patch, not a user option).
+    argv = [str(llama_cpp), str(folder), "--outfile", str(tmp_path / "p.gguf"), "--outtype", "f32"]
+    patched = (f"import runpy, sys; sys.argv = {argv!r}\n"
+               f"sys.path[:0] = [{str(llama_cpp.parent)!r}, {str(llama_cpp.parent / 'gguf-py')!r}]\n"
+               "import conversion.base\n"
+               "conversion.base.TextModel.get_vocab_base_pre = lambda self, tokenizer: 'chatglm-bpe'\n"
+               f"runpy.run_path({str(llama_cpp)!r}, run_name='__main__')\n")
+    result = subprocess.run([sys.executable, "-c", patched], env=ENV, capture_output=True, text=True, timeout=600,
+                            input="y\n" * 4)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(tmp_path / "p.gguf"))
+    field = lambda key: reader.fields[key].contents()  # noqa: E731
+    assert (field("tokenizer.ggml.model"), field("tokenizer.ggml.pre")) == ("gpt2", "chatglm-bpe")
+    byte_char = tg._bytes_to_unicode()
+    ranked = ["".join(byte_char[b] for b in token) for token in sorted(ranks, key=ranks.get)]
+    padding = [f"[PAD{i}]" for i in range(len(ranks) + len(tg.GLM4_SPECIAL_TOKENS), 640)]
+    assert field("tokenizer.ggml.tokens") == ranked + list(tg.GLM4_SPECIAL_TOKENS) + padding
+    specials = {token: len(ranks) + i for i, token in enumerate(tg.GLM4_SPECIAL_TOKENS)}
+    assert field("tokenizer.ggml.eos_token_id") == specials["<|endoftext|>"]
+    assert field("tokenizer.ggml.eot_token_id") == specials["<|user|>"]
+    assert field("tokenizer.ggml.add_bos_token") is False  # llama.cpp asserts on a missing BOS otherwise
+    assert field("tokenizer.chat_template").startswith("{{- '[gMASK]<sop>' -}}")
+    weights = state_dict(folder)
+    tensors = {t.name: t for t in reader.tensors}
+    assert set(tensors) == {gguf_name(name) for name in weights}
+    for name, value in weights.items():
+        np.testing.assert_array_equal(np.asarray(tensors[gguf_name(name)].data).reshape(value.shape), value.numpy())
 
 
 # ---------------------------------------------------------------------------------------------------------------
