@@ -325,3 +325,21 @@ def test_chatglm_cpp_converts_chatglm3_folders(kind, request, chatglm_cpp, tmp_p
     assert set(tensors) == set(weights)
     for name, value in weights.items():
         np.testing.assert_array_equal(tensors[name], value.numpy(), err_msg=name)
+
+
+def test_train_warns_when_engines_would_compute_another_head_size():
+    import argparse
+
+    import train
+
+    args = argparse.Namespace(model_name_or_path=None, seed=0, attn_implementation=None, gradient_checkpointing=False,
+                              lora_r=None, lora_alpha=None, lora_dropout=0.0)
+    train.register_auto_classes()  # as main() does
+    tokenizer = tg.train_glm_tokenizer(["hello world"] * 20, 300)
+    with pytest.warns(UserWarning, match="kv_channels 16 != hidden_size 64 / num_attention_heads 8"):
+        train.build_model(args, tiny_config(kv_channels=16), tokenizer)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        train.build_model(args, tiny_config(kv_channels=8), tokenizer)  # 64 / 8: no warning
