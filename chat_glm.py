@@ -123,8 +123,10 @@ def _process(messages, history, parse_tools):
     response = ""
     for message in [messages] if isinstance(messages, str) else messages:
         metadata, content = message.split("\n", 1) if "\n" in message else ("", message)
-        history.append({"role": "assistant", "metadata": metadata, "content": content})
         name = metadata.strip()
+        if not name:
+            content = content.strip()  # as the original's process_response (and what engines' users should do)
+        history.append({"role": "assistant", "metadata": metadata, "content": content})
         if not name:
             response = content
         elif tools:

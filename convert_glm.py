@@ -347,7 +347,8 @@ def convert_checkpoint(src, dst, to: str) -> None:
 
 def adopt_code(src, dst) -> None:
     """Put this repository's code beside a THUDM checkpoint: weights and config keys unchanged, `auto_map` in
-    config.json and tokenizer_config.json pointed at our files. `dst` may be `src` (only the JSON files change)."""
+    config.json and tokenizer_config.json pointed at our files, `vocab_size` and our chat template added when
+    missing (llama.cpp reads them). `dst` may be `src` (only the JSON files change)."""
     from configuration_glm import AUTO_MAP
     from local_glm import CODE_FILES, ROOT
 
@@ -371,12 +372,20 @@ def adopt_code(src, dst) -> None:
             if file.is_file():
                 shutil.copy2(file, dst / file.name)
     config["auto_map"] = dict(AUTO_MAP)
+    # llama.cpp's converter reads vocab_size (outside its chatglm3-6b path); THUDM's glm-4 configs lack it.
+    config.setdefault("vocab_size", config["padded_vocab_size"])
     (dst / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
     tokenizer_config = dst / "tokenizer_config.json"
     if tokenizer_config.exists():
         values = json.loads(tokenizer_config.read_text())
         values["auto_map"] = {"AutoTokenizer": ["tokenization_glm.ChatGLMTokenizer", None]}
         values["tokenizer_class"] = "ChatGLMTokenizer"
+        if "chat_template" not in values and (dst / "tokenizer.model").exists():
+            # Engines take the template from here (llama.cpp's GGUF); the early THUDM files have none.
+            from tokenization_glm import _TIKTOKEN_FIRST_LINE, chat_template
+
+            glm4 = bool(_TIKTOKEN_FIRST_LINE.match((dst / "tokenizer.model").read_bytes()[:200]))
+            values["chat_template"] = chat_template(glm4)
         tokenizer_config.write_text(json.dumps(values, indent=2, ensure_ascii=False) + "\n")
     for code in CODE_FILES:
         shutil.copy2(ROOT / code, dst / code)

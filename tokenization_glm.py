@@ -26,7 +26,7 @@ import os
 import re
 import shutil
 
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import BatchEncoding, PreTrainedTokenizerFast
 from transformers.utils.chat_template_utils import render_jinja_template
 
@@ -532,6 +532,44 @@ def _overlap_mask(token_spans, generation_spans):
 _RETURN_DICT_DEFAULT = inspect.signature(PreTrainedTokenizerFast.apply_chat_template).parameters["return_dict"].default
 
 
+class SentencePieceTokenizer:
+    """What ChatGLM2/3's original `tokenizer.tokenizer` (its SPTokenizer) offered converters: `sp_model`, a
+    `sentencepiece.SentencePieceProcessor` of the tokenizer.model, `special_tokens` (control token -> id), `n_words`,
+    `bos_id`, `eos_id`, `pad_id`. Checked against tokenizer.json so a converter never reads a mismatched file."""
+
+    def __init__(self, model_file, special_tokens, backend=None):
+        try:
+            import sentencepiece
+        except ImportError as error:
+            raise ImportError("tokenizer.tokenizer of a ChatGLM3 tokenizer needs `pip install sentencepiece`") \
+                from error
+
+        self.sp_model = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
+        self.n_words = self.sp_model.vocab_size()
+        self.bos_id, self.eos_id, self.pad_id = self.sp_model.bos_id(), self.sp_model.eos_id(), self.sp_model.unk_id()
+        self.special_tokens = {token: i for token, i in special_tokens.items() if i >= self.n_words}
+        if backend is not None:
+            pieces = [self.sp_model.id_to_piece(i) for i in range(self.n_words)]
+            if pieces != [backend.id_to_token(i) for i in range(self.n_words)] or sorted(self.special_tokens.values()) \
+                    != list(range(self.n_words, self.n_words + len(self.special_tokens))):
+                raise ValueError(f"{model_file} does not match tokenizer.json: the pieces differ")
+
+
+def _tiktoken_encoding(ranks_file, specials, n_ranks):
+    """GLM-4's original `tokenizer.tokenizer`: a tiktoken.Encoding of the ranks file and the special tokens."""
+    try:
+        import tiktoken
+        from tiktoken.load import load_tiktoken_bpe
+    except ImportError as error:
+        raise ImportError("tokenizer.tokenizer of a GLM-4 tokenizer needs `pip install tiktoken`") from error
+
+    ranks = load_tiktoken_bpe(str(ranks_file))
+    if len(ranks) != n_ranks:
+        raise ValueError(f"{ranks_file} has {len(ranks)} ranks but tokenizer.json {n_ranks} tokens")
+    specials = {token: i for token, i in specials.items() if i >= n_ranks}
+    return tiktoken.Encoding("glm4", pat_str=GLM4_SPLIT_PATTERN, mergeable_ranks=ranks, special_tokens=specials)
+
+
 class ChatGLMTokenizer(PreTrainedTokenizerFast):
     """Fast tokenizer for ChatGLM2/3 and GLM-4, with the original chat API.
 
@@ -564,6 +602,13 @@ class ChatGLMTokenizer(PreTrainedTokenizerFast):
         for name in ("eos", "pad", "unk"):
             if family[name] is not None and getattr(self, f"{name}_token") is None:
                 setattr(self, f"{name}_token", family[name])
+        # llama.cpp adds at most one BOS. gguf's SpecialVocab (in its converter) reads the template's first token,
+        # [gMASK], as that BOS unless bos_token and cls_token name another one; then the GGUF says "add no BOS" and
+        # prompts carry the whole prefix (the chat template writes it). The tokens follow RoBERTa (<s>) and GPT-2
+        # (<|endoftext|>); the ids of encode() do not change. See docs/engines.md.
+        for name in ("bos", "cls"):
+            if getattr(self, f"{name}_token") is None:
+                setattr(self, f"{name}_token", "<|endoftext|>" if self.is_glm4 else "<s>")
         if self.chat_template is None:
             self.chat_template = chat_template(self.is_glm4)
         self._specials = {token.content: i for i, token in self.added_tokens_decoder.items() if token.special}
@@ -656,6 +701,37 @@ class ChatGLMTokenizer(PreTrainedTokenizerFast):
     def stop_token_ids(self):
         """Ids that end a reply: eos, <|user|>, <|observation|> ([2, 64795, 64797] for ChatGLM3)."""
         return [self.eos_token_id, self.get_command("<|user|>"), self.get_command("<|observation|>")]
+
+    # -- what converters read from the original tokenizers -----------------------------------------------------------
+    # llama.cpp's convert_hf_to_gguf.py and chatglm.cpp's convert.py load a folder with AutoTokenizer and then read the
+    # original tokenizers' internals. This is that surface, documented in docs/engines.md; normal use never builds it.
+
+    @property
+    def tokenizer(self):
+        """The original tokenizer's inner object, built on first use from the folder's tokenizer.model.
+
+        ChatGLM2/3: a `SentencePieceTokenizer` (`.sp_model` is a `sentencepiece.SentencePieceProcessor`, plus
+        `special_tokens`, `n_words`, `bos_id`, `eos_id`, `pad_id`); GLM-4: a `tiktoken.Encoding`. Needs sentencepiece
+        or tiktoken, and the tokenizer.model this tokenizer was made from."""
+        if getattr(self, "_original_tokenizer", None) is None:
+            if not (self.vocab_file and os.path.isfile(self.vocab_file)):
+                raise ValueError(
+                    "tokenizer.tokenizer (read by llama.cpp's and chatglm.cpp's converters) needs the original "
+                    "tokenizer.model beside tokenizer.json; this tokenizer has none"
+                )
+            specials = {token.content: i for i, token in self.added_tokens_decoder.items()}
+            if self.is_glm4:
+                n_ranks = self.backend_tokenizer.get_vocab_size(with_added_tokens=False)
+                self._original_tokenizer = _tiktoken_encoding(self.vocab_file, specials, n_ranks)
+            else:
+                self._original_tokenizer = SentencePieceTokenizer(self.vocab_file, specials, self.backend_tokenizer)
+        return self._original_tokenizer
+
+    def _convert_id_to_token(self, index):
+        # The original ChatGLM3 tokenizer's method, which llama.cpp's converter calls for every row of the padded
+        # embedding: "" for ids past the vocabulary, as the original returned (the base class returns None).
+        token = self.backend_tokenizer.id_to_token(int(index))
+        return "" if token is None else token
 
     # -- the chat format -------------------------------------------------------------------------------------------
 
@@ -899,46 +975,73 @@ class StreamDecoder:
         return self._utf8.decode(b"", final=True)
 
 
-def train_glm_tokenizer(texts, vocab_size, min_frequency=2, show_progress=False):
-    """Train a ChatGLM3-style tokenizer: byte-fallback BPE with the dummy prefix, spaces as "▁", digits split,
-    <unk> <s> </s> and <0x00>..<0xFF> at ids 0..258, then the learned pieces, then the nine control tokens.
+def _train_sentencepiece(sentencepiece, lines, model_writer, vocab_size, show_progress):
+    """SentencePiece BPE with the trainer settings of chatglm3-6b's tokenizer.model (read from its trainer_spec)."""
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=lines, model_writer=model_writer, model_type="bpe", vocab_size=vocab_size,
+        hard_vocab_limit=False,  # a small corpus has fewer possible pieces than asked for
+        byte_fallback=True, split_digits=True, add_dummy_prefix=True, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, split_by_unicode_script=True,
+        split_by_whitespace=True, split_by_number=True, max_sentencepiece_length=16, character_coverage=0.9999,
+        max_sentence_length=1 << 20, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=os.cpu_count() or 1,
+        minloglevel=0 if show_progress else 2,
+    )
 
-    `texts` is any iterable of strings (or of lists of strings), e.g. a `datasets` column; `vocab_size` bounds the
-    whole vocabulary, control tokens included.
+
+def train_glm_tokenizer(texts, vocab_size, min_frequency=2, show_progress=False):
+    """Train a ChatGLM3-style tokenizer the way THUDM trained theirs: SentencePiece BPE with byte fallback, split
+    digits, the dummy prefix, identity normalizer and no whitespace folding (the settings of chatglm3-6b's
+    tokenizer.model), <unk> <s> </s> and <0x00>..<0xFF> at ids 0..258, then the learned pieces, then the nine control
+    tokens. The returned tokenizer saves that tokenizer.model beside the tokenizer.json converted from it (the same
+    ids), so engines that read the SentencePiece model (llama.cpp, chatglm.cpp) take the folder.
+
+    `texts` is any iterable of strings (or of lists of strings), e.g. a `datasets` column, split into lines for
+    training (newlines are byte pieces, as in ChatGLM3); `vocab_size` bounds the whole vocabulary, control tokens
+    included (a small corpus may give fewer pieces). `min_frequency` is kept from the earlier trainer; SentencePiece
+    has no frequency floor, so only its default 2 is accepted. Needs `sentencepiece`.
 
         >>> tokenizer = train_glm_tokenizer(["hello world", "你好，世界"] * 50, vocab_size=300)
         >>> tokenizer.convert_ids_to_tokens(len(tokenizer) - 1)
         '<|observation|>'
     """
+    import io
+    import tempfile
+    import weakref
+
+    try:
+        import sentencepiece
+    except ImportError as error:
+        raise ImportError("training a GLM tokenizer needs `pip install sentencepiece protobuf`") from error
+
     learned = vocab_size - len(GLM3_CONTROL_TOKENS)
     if learned <= len(GLM3_RESERVED_PIECES):
         raise ValueError(f"vocab_size must exceed {len(GLM3_RESERVED_PIECES) + len(GLM3_CONTROL_TOKENS)}")
+    if min_frequency != 2:
+        raise ValueError("min_frequency: SentencePiece's BPE trainer has no frequency floor; leave it at 2")
 
-    def strings():
+    bad = []  # a TypeError inside the iterator reaches us wrapped in sentencepiece's RuntimeError
+
+    def lines():
         for item in texts:
-            _check_text(item, "each training text")
-            yield item
+            try:
+                _check_text(item, "each training text")
+            except TypeError as error:
+                bad.append(error)
+                raise
+            for text in [item] if isinstance(item, str) else item:
+                yield from (line for line in text.split("\n") if line.strip())
 
-    words = rf"{SPACE}*(?:\p{{Han}}+|[\p{{L}}\p{{M}}&&[^\p{{Han}}]]+|[^\p{{L}}\p{{M}}{SPACE}]+)|{SPACE}+"
-    trainer_tokenizer = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
-    trainer_tokenizer.normalizer = _glm3_normalizer()
-    # SentencePiece's training rules: pieces never span a space boundary, a digit or a change of script.
-    trainer_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(f"{SPACE}*[^{SPACE}]+|{SPACE}+"), behavior="isolated"),
-            pre_tokenizers.Digits(individual_digits=True),
-            pre_tokenizers.Split(Regex(words), behavior="isolated"),
-        ]
-    )
-    trainer = trainers.BpeTrainer(
-        vocab_size=learned,
-        min_frequency=min_frequency,
-        special_tokens=list(GLM3_RESERVED_PIECES),
-        max_token_length=16,  # SentencePiece's max_sentencepiece_length
-        show_progress=show_progress,
-    )
-    trainer_tokenizer.train_from_iterator(strings(), trainer=trainer)
-    model = json.loads(trainer_tokenizer.to_str())["model"]
-    pieces = sorted(model["vocab"], key=model["vocab"].get)
-    merges = [tuple(merge.split(" ")) if isinstance(merge, str) else tuple(merge) for merge in model["merges"]]
-    return ChatGLMTokenizer(tokenizer_object=_glm3_tokenizer(pieces, merges))
+    model = io.BytesIO()
+    try:
+        _train_sentencepiece(sentencepiece, lines(), model, learned, show_progress)
+    except RuntimeError:
+        if bad:
+            raise bad[0] from None
+        raise
+    folder = tempfile.mkdtemp(prefix="glm-tokenizer-")
+    path = os.path.join(folder, "tokenizer.model")
+    with open(path, "wb") as file:
+        file.write(model.getvalue())
+    tokenizer = ChatGLMTokenizer(vocab_file=path)  # converts it: tokenizer.json gets the model's ids
+    weakref.finalize(tokenizer, shutil.rmtree, folder, ignore_errors=True)  # save_pretrained copies the file
+    return tokenizer

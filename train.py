@@ -438,12 +438,19 @@ def build_model(args, config, tokenizer):
 
     if len(tokenizer) > config.padded_vocab_size and args.model_name_or_path:
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the model only {config.padded_vocab_size} rows")
+    if config.kv_channels * config.num_attention_heads != config.hidden_size:
+        import warnings
+
+        warnings.warn(f"kv_channels {config.kv_channels} != hidden_size {config.hidden_size} / num_attention_heads "
+                      f"{config.num_attention_heads}: our code and transformers run this model, but vLLM, llama.cpp "
+                      "and chatglm.cpp compute the head size as hidden_size / num_attention_heads and cannot",
+                      stacklevel=2)
     if args.model_name_or_path:
         model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, config=config, trust_remote_code=True,
                                                      dtype=torch.float32, attn_implementation=args.attn_implementation)
     else:
         config.padded_vocab_size = round_up(len(tokenizer))
-        config.eos_token_id = list(tokenizer.stop_token_ids)
+        config.eos_token_id = tokenizer.eos_token_id  # an int, as THUDM's; generation_config.json has the stop list
         config.pad_token_id = tokenizer.pad_token_id
         torch.manual_seed(args.seed)
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=True,
@@ -1238,6 +1245,8 @@ def save_output(args, accelerator, model, tokenizer, mode, summary):
         unwrapped.save_pretrained(output_dir, state_dict=state_dict, **save)
     if not accelerator.is_main_process:
         return
+    if (output_dir / "config.json").exists():  # not for a LoRA adapter alone
+        write_engine_config(output_dir / "config.json", args, tokenizer)
     tokenizer.model_max_length = unwrapped.config.seq_length  # so truncation=True means the model's context
     tokenizer.save_pretrained(output_dir)
     # The working copy a from-scratch run kept for resumes; the folder's own tokenizer files replace it.
@@ -1263,6 +1272,39 @@ def savable_model(model):
     cls = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
     with torch.device("meta"):
         return cls(model.config)
+
+
+# llama.cpp's converter takes ChatGLM3's SentencePiece vocabulary only when config.json's _name_or_path contains
+# "THUDM/chatglm3-6b". A folder without a Hub base records this: it names the format, and is no Hub id (the space).
+GLM3_FORMAT_NAME = "THUDM/chatglm3-6b tokenizer format"
+
+
+def base_hub_id(args):
+    """The base model's Hub id ("org/name"), or None: a Hub id given as --model_name_or_path, else the
+    `_name_or_path` that a local base folder's config.json records (THUDM's files carry theirs)."""
+    import re
+
+    base = args.model_name_or_path
+    if base is None:
+        return None
+    if (Path(base) / "config.json").exists():
+        base = json.loads((Path(base) / "config.json").read_text()).get("_name_or_path") or ""
+    is_hub_id = re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", base) and not Path(base).exists()
+    return base if is_hub_id else None
+
+
+def write_engine_config(path: Path, args, tokenizer):
+    """config.json values that serving engines' converters read (GLM_SPEC.md section 8, docs/engines.md):
+    `eos_token_id` one int (chatglm.cpp packs it as one; the stop list is in generation_config.json), `vocab_size`
+    (llama.cpp's converter reads it), and `_name_or_path`: the base's Hub id, or for a ChatGLM3-format tokenizer
+    without one GLM3_FORMAT_NAME (llama.cpp reads the SentencePiece vocabulary only then)."""
+    config = json.loads(path.read_text())
+    if isinstance(config.get("eos_token_id"), list) and not tokenizer.is_glm4:
+        config["eos_token_id"] = tokenizer.eos_token_id  # GLM-4's published config keeps its list
+    name = base_hub_id(args) or (None if tokenizer.is_glm4 else GLM3_FORMAT_NAME)
+    if name:
+        config["_name_or_path"] = name
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def plot_loss(metrics_path: Path, picture: Path):
@@ -1291,7 +1333,7 @@ def plot_loss(metrics_path: Path, picture: Path):
 def write_model_card(args, output_dir: Path, mode: str, summary: dict):
     """README.md with Hub metadata, what was trained on, the final numbers and the loss curve."""
     plot_loss(output_dir / "metrics.jsonl", output_dir / "loss_curve.png")
-    base = args.model_name_or_path
+    base = base_hub_id(args)  # never a local path in the card
     data = ("built-in generated bilingual chat data (addition, weather tool call)" if args.builtin
             else args.dataset_name or ", ".join(f for f in (args.train_file, args.validation_file) if f))
     method = "LoRA" if args.lora_r else "P-tuning v2" if args.pre_seq_len else "full"
@@ -1310,7 +1352,8 @@ def write_model_card(args, output_dir: Path, mode: str, summary: dict):
     body = f"""
 # {args.hub_model_id or output_dir.name}
 
-A GLM model ({'fine-tuned from ' + base if base else 'trained from scratch with config ' + str(args.config_name)})
+A GLM model ({'fine-tuned from ' + (base or 'a local model') if args.model_name_or_path
+               else 'trained from scratch with config ' + str(args.config_name)})
 by this repository's `train.py` ({method} training, {mode} mode).
 
 | | |

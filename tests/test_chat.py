@@ -104,6 +104,8 @@ def test_process_response_tool_call_channel_and_text():
 
     response, new_history = process_response("\n你好", [])
     assert (response, new_history) == ("你好", [{"role": "assistant", "metadata": "", "content": "你好"}])
+    response, new_history = process_response("\n 你好 \n", [])  # stripped, as the original's process_response
+    assert (response, new_history) == ("你好", [{"role": "assistant", "metadata": "", "content": "你好"}])
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -214,7 +214,7 @@ def test_trl_sft_trainer_trains_on_tokenize_conversation_labels(trained, tmp_pat
     model = glm.ChatGLMForConditionalGeneration(config)
     args = SFTConfig(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-3,
                      assistant_only_loss=True, report_to="none", logging_steps=1, save_strategy="no",
-                     use_cpu=True, dataloader_num_workers=0, max_length=None)
+                     use_cpu=True, bf16=False, dataloader_num_workers=0, max_length=None)  # fp32, as train.py here
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=trained)
     for row, (messages, tools, _) in zip(trainer.train_dataset, rows):
         expected = trained.tokenize_conversation(messages, tools=tools)

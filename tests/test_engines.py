@@ -1,0 +1,346 @@
+"""Every kind of folder we write converts with the stock converters of llama.cpp (convert_hf_to_gguf.py, pinned to
+llama-cpp-python 0.3.36's vendored copy) and chatglm.cpp (0.4.2's convert.py), fetched from PyPI into a cache
+(tests/engine_converters.py). The GGUF is read back with the `gguf` package and compared with our weights and with
+SentencePiece itself; chatglm.cpp's file is parsed by its documented layout. Running the engines is in
+scripts/engines_check.sh (it builds llama-cpp-python: too slow for CI)."""
+
+import base64
+import json
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, glm, tiny_config
+from safetensors.torch import load_file
+
+import engine_converters
+
+tg = glm.tokenization
+ENV = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+# Our weight names -> llama.cpp's (its ChatGLM tensor map), the independent side of the tensor comparison.
+GGUF_NAMES = {
+    "transformer.embedding.word_embeddings.weight": "token_embd.weight",
+    "transformer.encoder.final_layernorm.weight": "output_norm.weight",
+    "transformer.output_layer.weight": "output.weight",
+    "input_layernorm.weight": "attn_norm.weight",
+    "self_attention.query_key_value.weight": "attn_qkv.weight",
+    "self_attention.query_key_value.bias": "attn_qkv.bias",
+    "self_attention.dense.weight": "attn_output.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "mlp.dense_h_to_4h.weight": "ffn_up.weight",
+    "mlp.dense_4h_to_h.weight": "ffn_down.weight",
+}
+
+
+def converter(get):
+    try:
+        return get()
+    except engine_converters.Unavailable as error:
+        pytest.skip(f"the package registry is unreachable, so the stock converter cannot be fetched: {error}")
+
+
+@pytest.fixture(scope="module")
+def llama_cpp():
+    return converter(engine_converters.llama_cpp_converter)
+
+
+@pytest.fixture(scope="module")
+def chatglm_cpp():
+    return converter(engine_converters.chatglm_cpp_converter)
+
+
+def to_gguf(llama_cpp, folder, out, answer=""):
+    """Run the converter; `answer` is typed at its prompts (its GPT-2 vocabulary path loads the tokenizer without
+    trust_remote_code, so transformers asks whether to run the folder's code, as it asks a user)."""
+    result = subprocess.run([sys.executable, str(llama_cpp), str(folder), "--outfile", str(out), "--outtype", "f32"],
+                            env=ENV, capture_output=True, text=True, timeout=600, input=answer)
+    return result.returncode, result.stdout + result.stderr
+
+
+def state_dict(folder):
+    files = sorted(Path(folder).glob("*.safetensors")) or sorted(Path(folder).glob("*.bin"))
+    state = {}
+    for file in files:
+        state.update(load_file(str(file)) if file.suffix == ".safetensors" else torch.load(file))
+    return {k: v.float() for k, v in state.items() if not k.endswith("inv_freq")}
+
+
+def gguf_name(name):
+    if name in GGUF_NAMES:
+        return GGUF_NAMES[name]
+    layer, rest = name.removeprefix("transformer.encoder.layers.").split(".", 1)
+    return f"blk.{layer}.{GGUF_NAMES[rest]}"
+
+
+def check_gguf(path, folder, tokenizer):
+    """Architecture, hyperparameters, every tensor (name, shape, values), the token list against SentencePiece,
+    and the prompt metadata of a GGUF converted from `folder`."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+    field = lambda key: reader.fields[key].contents()  # noqa: E731
+    config = json.loads((Path(folder) / "config.json").read_text())
+    assert field("general.architecture") == "chatglm"
+    assert field("chatglm.block_count") == config["num_layers"]
+    assert field("chatglm.embedding_length") == config["hidden_size"]
+    assert field("chatglm.feed_forward_length") == config["ffn_hidden_size"]
+    assert field("chatglm.attention.head_count") == config["num_attention_heads"]
+    assert field("chatglm.attention.head_count_kv") == config["multi_query_group_num"]
+    assert field("chatglm.context_length") == config["seq_length"]
+    assert field("chatglm.rope.dimension_count") == config["kv_channels"] // 2  # half of each head rotates
+    assert field("chatglm.rope.freq_base") == pytest.approx(10000 * config.get("rope_ratio", 1))
+    assert field("chatglm.attention.layer_norm_rms_epsilon") == pytest.approx(config["layernorm_epsilon"])
+
+    weights = state_dict(folder)
+    tensors = {t.name: t for t in reader.tensors}
+    assert set(tensors) == {gguf_name(name) for name in weights}
+    for name, value in weights.items():
+        tensor = tensors[gguf_name(name)]
+        assert list(tensor.shape)[::-1] == list(value.shape), name  # GGUF lists dims innermost first
+        np.testing.assert_array_equal(np.asarray(tensor.data).reshape(value.shape), value.numpy(), err_msg=name)
+
+    # The vocabulary: SentencePiece's pieces (llama.cpp spells ids 1, 2 <bos> <eos>), the control tokens, padding.
+    import sentencepiece
+
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(Path(folder) / "tokenizer.model"))
+    tokens = field("tokenizer.ggml.tokens")
+    n = sp.vocab_size()
+    pieces = [sp.id_to_piece(i) for i in range(n)]
+    pieces[1:3] = ["<bos>", "<eos>"]
+    padding = [f"[PAD{i}]" for i in range(n + len(tg.GLM3_CONTROL_TOKENS), config["padded_vocab_size"])]
+    assert tokens == pieces + list(tg.GLM3_CONTROL_TOKENS) + padding
+    types = field("tokenizer.ggml.token_type")
+    assert [types[i] for i in range(n, n + 9)] == [3] * 9  # CONTROL: llama.cpp parses them in prompt text
+    assert types[3:259] == [6] * 256  # BYTE: byte fallback
+    assert field("tokenizer.ggml.model") == "llama" and field("tokenizer.ggml.pre") == "chatglm-spm"
+    assert field("tokenizer.ggml.scores")[300] == pytest.approx(sp.get_score(300))
+    # llama.cpp adds at most one BOS token: the GGUF must not claim [gMASK] alone; the chat template writes the
+    # whole [gMASK]sop prefix, and control-token text in a prompt becomes those tokens.
+    assert field("tokenizer.ggml.add_bos_token") is False
+    assert field("tokenizer.ggml.eos_token_id") == 2
+    assert field("tokenizer.chat_template") == tokenizer.chat_template
+    assert "{{- '[gMASK]sop' -}}" in field("tokenizer.chat_template")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The folder kinds
+
+
+@pytest.fixture(scope="module")
+def thudm_folder(tmp_path_factory):
+    """A tiny THUDM/chatglm3-6b-style checkpoint with our code beside it (convert_glm.py --to code)."""
+    from test_convert import _thudm_folder
+
+    folder = tmp_path_factory.mktemp("thudm") / "chatglm3"
+    _thudm_folder(folder, "tokenizer_config.json")
+    subprocess.run([sys.executable, str(ROOT / "convert_glm.py"), "--to", "code", str(folder), str(folder)],
+                   check=True, capture_output=True, timeout=300, env=ENV)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def chats(tmp_path_factory):
+    import data_glm
+
+    path = tmp_path_factory.mktemp("chats") / "chats.jsonl"
+    rows, _ = data_glm.skill_splits(n_train=200, n_heldout=1, seed=0)
+    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def finetune_folder(thudm_folder, chats, tmp_path_factory):
+    """train.py's fine-tune of the THUDM-style folder (the real ChatGLM3 tokenizer.model)."""
+    import train
+
+    out = tmp_path_factory.mktemp("finetune") / "out"
+    train.main(["--model_name_or_path", str(thudm_folder), "--train_file", str(chats), "--output_dir", str(out),
+                "--max_train_steps", "1", "--per_device_train_batch_size", "2", "--block_size", "64"])
+    return out
+
+
+@pytest.fixture(scope="module")
+def scratch_folder(chats, tmp_path_factory):
+    """The main job's kind of folder: train.py from scratch, its tokenizer trained on the data (the chat files
+    instead of the built-in set, whose held-out report and chat demo cost a minute; the folder is written alike)."""
+    import train
+
+    out = tmp_path_factory.mktemp("scratch") / "out"
+    train.main(["--config_name", str(ROOT / "presets" / "tiny.json"), "--train_file", str(chats), "--output_dir",
+                str(out), "--max_train_steps", "1", "--tokenizer_vocab_size", "600", "--block_size", "64",
+                "--per_device_train_batch_size", "4"])
+    return out
+
+
+def test_fine_tune_config_names_its_base_and_has_engine_values(finetune_folder, thudm_folder):
+    config = json.loads((finetune_folder / "config.json").read_text())
+    assert config["_name_or_path"] == "THUDM/chatglm3-6b"  # read from the base folder's config.json
+    assert config["eos_token_id"] == 2 and config["vocab_size"] == config["padded_vocab_size"] == 65024
+    assert json.loads((finetune_folder / "generation_config.json").read_text())["eos_token_id"] == [2, 64795, 64797]
+    card = (finetune_folder / "README.md").read_text()
+    assert "base_model: THUDM/chatglm3-6b\n" in card and str(thudm_folder) not in card  # the Hub id, no local path
+
+
+def test_scratch_folder_has_a_sentencepiece_model_with_the_same_ids(scratch_folder):
+    import random
+
+    import sentencepiece
+
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(scratch_folder / "tokenizer.model"))
+    tokenizer = tg.ChatGLMTokenizer.from_pretrained(scratch_folder)
+    rng = random.Random(0)
+    alphabet = list("abcdefghij XYZ 天气北京上海 0123456789 \t\n,.?！😀𪚥▁") + ["<|user|>", "sop"]
+    for _ in range(300):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40)))
+        # split_special_tokens=True: control strings as text, as SentencePiece sees them
+        assert tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True) == sp.encode(text), text
+    config = json.loads((scratch_folder / "config.json").read_text())
+    assert config["eos_token_id"] == 2 and "THUDM/chatglm3-6b" in config["_name_or_path"]
+    assert "base_model:" not in (scratch_folder / "README.md").read_text()
+
+
+@pytest.mark.parametrize("kind", ["thudm_folder", "finetune_folder", "scratch_folder"])
+def test_llama_cpp_converts_each_chatglm3_folder_kind(kind, request, llama_cpp, tmp_path):
+    folder = request.getfixturevalue(kind)
+    code, log = to_gguf(llama_cpp, folder, tmp_path / "model.gguf")
+    assert code == 0, log[-3000:]
+    check_gguf(tmp_path / "model.gguf", folder, tg.ChatGLMTokenizer.from_pretrained(folder))
+
+
+def test_glm4_folder_is_refused_by_the_pre_tokenizer_hash_and_otherwise_converts(llama_cpp, tmp_path):
+    """llama.cpp recognises GLM-4's byte-level vocabulary by the sha256 of the ids of a fixed text; only the real
+    151,329-rank file gives a known hash ("chatglm-bpe"). A small ranks file (we do not have the real one) must be
+    refused with that reason, after the config and tokenizer were read through our code; past the hash, the GGUF
+    has our byte-level vocabulary, GLM-4's stop tokens, no BOS and every weight."""
+    from test_tokenization import train_ranks
+
+    from benchmarks.bench_tokenizer import mixed_text
+
+    folder = tmp_path / "glm4"
+    folder.mkdir()
+    ranks = train_ranks([mixed_text(300, seed=i) for i in range(100)], vocab_size=600)
+    (folder / "tokenizer.model").write_text("".join(f"{base64.b64encode(t).decode()} {r}\n" for t, r in ranks.items()))
+    tokenizer = tg.ChatGLMTokenizer(vocab_file=str(folder / "tokenizer.model"))
+    config = tiny_config(padded_vocab_size=640, eos_token_id=tokenizer.stop_token_ids,
+                         pad_token_id=tokenizer.pad_token_id, rope_ratio=500, layernorm_epsilon=1.5625e-07)
+    glm.ChatGLMForConditionalGeneration(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    import argparse
+
+    import train
+
+    train.write_engine_config(folder / "config.json", argparse.Namespace(model_name_or_path=None), tokenizer)
+    assert json.loads((folder / "config.json").read_text())["eos_token_id"] == tokenizer.stop_token_ids  # GLM-4's
+    import tiktoken
+
+    assert isinstance(tokenizer.tokenizer, tiktoken.Encoding)  # what chatglm.cpp checks
+    assert tokenizer.tokenizer.encode("hello 世界") == tokenizer.encode("hello 世界", add_special_tokens=False)
+    code, log = to_gguf(llama_cpp, folder, tmp_path / "glm4.gguf")
+    assert code != 0 and "trust_remote_code=True" in log  # nobody answered transformers' prompt
+    code, log = to_gguf(llama_cpp, folder, tmp_path / "glm4.gguf", answer="y\n" * 4)
+    assert code != 0 and "BPE pre-tokenizer was not recognized" in log, log[-3000:]
+    assert "chkhsh" in log and "KeyError" not in log  # got as far as hashing: config and tokenizer were read
+
+    # The rest of the path, as the real vocabulary would take it: the same converter with its hash lookup answering
+    # "chatglm-bpe" (the name the real glm-4-9b-chat hash maps to; a test-only patch, not a user option).
+    argv = [str(llama_cpp), str(folder), "--outfile", str(tmp_path / "p.gguf"), "--outtype", "f32"]
+    patched = (f"import runpy, sys; sys.argv = {argv!r}\n"
+               f"sys.path[:0] = [{str(llama_cpp.parent)!r}, {str(llama_cpp.parent / 'gguf-py')!r}]\n"
+               "import conversion.base\n"
+               "conversion.base.TextModel.get_vocab_base_pre = lambda self, tokenizer: 'chatglm-bpe'\n"
+               f"runpy.run_path({str(llama_cpp)!r}, run_name='__main__')\n")
+    result = subprocess.run([sys.executable, "-c", patched], env=ENV, capture_output=True, text=True, timeout=600,
+                            input="y\n" * 4)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(tmp_path / "p.gguf"))
+    field = lambda key: reader.fields[key].contents()  # noqa: E731
+    assert (field("tokenizer.ggml.model"), field("tokenizer.ggml.pre")) == ("gpt2", "chatglm-bpe")
+    byte_char = tg._bytes_to_unicode()
+    ranked = ["".join(byte_char[b] for b in token) for token in sorted(ranks, key=ranks.get)]
+    padding = [f"[PAD{i}]" for i in range(len(ranks) + len(tg.GLM4_SPECIAL_TOKENS), 640)]
+    assert field("tokenizer.ggml.tokens") == ranked + list(tg.GLM4_SPECIAL_TOKENS) + padding
+    specials = {token: len(ranks) + i for i, token in enumerate(tg.GLM4_SPECIAL_TOKENS)}
+    assert field("tokenizer.ggml.eos_token_id") == specials["<|endoftext|>"]
+    assert field("tokenizer.ggml.eot_token_id") == specials["<|user|>"]
+    assert field("tokenizer.ggml.add_bos_token") is False  # llama.cpp asserts on a missing BOS otherwise
+    assert field("tokenizer.chat_template") == tg.chat_template(glm4=True)
+    weights = state_dict(folder)
+    tensors = {t.name: t for t in reader.tensors}
+    assert set(tensors) == {gguf_name(name) for name in weights}
+    for name, value in weights.items():
+        np.testing.assert_array_equal(np.asarray(tensors[gguf_name(name)].data).reshape(value.shape), value.numpy())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# chatglm.cpp
+
+
+def read_chatglm_cpp(path):
+    """chatglm.cpp's GGML file (convert.py's layout): magic, model type, config, tokenizer blob, tensors."""
+    data = Path(path).read_bytes()
+    assert data[:4] == b"ggml"
+    (model_type,) = struct.unpack_from("i", data, 4)
+    version, *values = struct.unpack_from("iiiiiiiififiii", data, 8)  # version, then the config values
+    offset = 8 + struct.calcsize("iiiiiiiififiii")
+    (size,) = struct.unpack_from("i", data, offset)
+    blob = data[offset + 4: offset + 4 + size]
+    offset += 4 + size
+    tensors = {}
+    while offset < len(data):
+        (length,) = struct.unpack_from("i", data, offset)
+        name = data[offset + 4: offset + 4 + length].decode()
+        offset += 4 + length
+        (ndim,) = struct.unpack_from("i", data, offset)
+        *shape, dtype = struct.unpack_from("i" * (ndim + 1), data, offset + 4)
+        assert dtype == 0, "f32 was asked for"
+        offset = (offset + 4 * (ndim + 2) + 15) // 16 * 16
+        count = int(np.prod(shape))
+        tensors[name] = np.frombuffer(data, np.float32, count, offset).reshape(shape)
+        offset += 4 * count
+    return model_type, version, values, blob, tensors
+
+
+@pytest.mark.parametrize("kind", ["finetune_folder", "scratch_folder"])
+def test_chatglm_cpp_converts_chatglm3_folders(kind, request, chatglm_cpp, tmp_path):
+    pytest.importorskip("tabulate", reason="chatglm.cpp's convert.py imports tabulate (requirements-test.txt)")
+    folder = request.getfixturevalue(kind)
+    out = tmp_path / "model.bin"
+    result = subprocess.run([sys.executable, str(chatglm_cpp), "-i", str(folder), "-o", str(out), "-t", "f32"],
+                            env=ENV, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    model_type, version, values, blob, tensors = read_chatglm_cpp(out)
+    config = json.loads((folder / "config.json").read_text())
+    assert (model_type, version) == (3, 2)  # CHATGLM3: the "<|system|>" control token was found
+    assert tuple(values[1:7]) == (config["padded_vocab_size"], config["hidden_size"], config["num_attention_heads"],
+                           config["multi_query_group_num"], config["num_layers"], config["ffn_hidden_size"])
+    assert tuple(values[-3:]) == (config["seq_length"], 2, 0)  # eos 2 (one int), pad 0
+    assert blob == (folder / "tokenizer.model").read_bytes()
+    weights = state_dict(folder)
+    assert set(tensors) == set(weights)
+    for name, value in weights.items():
+        np.testing.assert_array_equal(tensors[name], value.numpy(), err_msg=name)
+
+
+def test_train_warns_when_engines_would_compute_another_head_size():
+    import argparse
+
+    import train
+
+    args = argparse.Namespace(model_name_or_path=None, seed=0, attn_implementation=None, gradient_checkpointing=False,
+                              lora_r=None, lora_alpha=None, lora_dropout=0.0)
+    train.register_auto_classes()  # as main() does
+    tokenizer = tg.train_glm_tokenizer(["hello world"] * 20, 300)
+    with pytest.warns(UserWarning, match="kv_channels 16 != hidden_size 64 / num_attention_heads 8"):
+        train.build_model(args, tiny_config(kv_channels=16), tokenizer)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        train.build_model(args, tiny_config(kv_channels=8), tokenizer)  # 64 / 8: no warning
