@@ -266,3 +266,39 @@ def test_flash_style_attention_gets_packed_kwargs():
         assert torch.equal(kwargs["position_ids"], positions)
         assert torch.equal(kwargs["cu_seq_lens_q"], cu) and kwargs["max_length_k"] == 6
     torch.testing.assert_close(packed, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_train_packing_gives_the_padded_runs_loss_sum_and_target_count():
+    """train.py --packing: pack_sft rows through PackedCollator and token_loss_sum (what the training loop runs) give
+    the loss sum and target count of the same conversations right-padded one per row."""
+    import datasets
+    import data_glm
+    import train
+
+    rows, _ = data_glm.skill_splits(n_train=24, n_heldout=2, seed=3)
+    tokenizer = glm.tokenization.train_glm_tokenizer(list(data_glm.conversation_texts(rows)), vocab_size=300)
+    tokenized = data_glm.tokenize_sft(datasets.Dataset.from_list(rows), tokenizer, "conversations", block_size=96)
+    packed = data_glm.pack_sft(tokenized, block_size=96)
+    assert len(packed) < len(tokenized) and max(len(r) for r in packed["input_ids"]) <= 96
+    assert sum(len(r) for r in packed["input_ids"]) == sum(len(r) for r in tokenized["input_ids"])
+    config = tiny_config(padded_vocab_size=512, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(10)
+    model = glm.ChatGLMForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        padded_sum, padded_count = train.token_loss_sum(
+            model, data_glm.Collator(tokenizer.pad_token_id)(list(tokenized)))
+        packed_batch = data_glm.PackedCollator(tokenizer.pad_token_id)(list(packed))
+        assert "attention_mask" not in packed_batch
+        packed_sum, packed_count = train.token_loss_sum(model, packed_batch)
+    assert int(packed_count) == int(padded_count) > 0
+    torch.testing.assert_close(packed_sum, padded_sum, atol=1e-3, rtol=1e-5)
+
+
+@pytest.mark.parametrize("extra, message", [(["--streaming", "--max_train_steps", "1"], "--streaming"),
+                                            (["--pre_seq_len", "4"], "--pre_seq_len")])
+def test_train_packing_refuses_what_it_cannot_pack(extra, message, capsys):
+    import train
+
+    with pytest.raises(SystemExit):
+        train.parse_args(["--config_name", "tiny", "--packing", *extra])
+    assert message in capsys.readouterr().err
