@@ -48,6 +48,12 @@ def _causal_mask(config, inputs_embeds, attention_mask, cache, cache_position, p
     if _MASK_TAKES_CACHE:
         return masking_utils.create_causal_mask(config=config, inputs_embeds=inputs_embeds,
                                                 attention_mask=attention_mask, cache=cache, position_ids=position_ids)
+    if torch.jit.is_tracing():
+        # 4.57 builds sdpa/eager masks with torch.vmap, which jit.trace cannot record (an opaque C++ error).
+        raise RuntimeError("TorchScript tracing (torch.onnx.export(..., dynamo=False), optimum's exporter) needs "
+                           "transformers >= 5.0 with this model: transformers 4.57 builds the attention mask with "
+                           "torch.vmap, which torch.jit.trace cannot record. Use torch.onnx.export(..., dynamo=True) "
+                           "or a newer transformers.")
     return masking_utils.create_causal_mask(config=config, input_embeds=inputs_embeds, attention_mask=attention_mask,
                                             cache_position=cache_position, past_key_values=cache,
                                             position_ids=position_ids)
