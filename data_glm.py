@@ -461,3 +461,48 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
         for g in range(self.start, self.global_batches()):
             first = g * size + self.process_index * self.batch
             yield order[first:first + self.batch]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Packed SFT rows (train.py --packing): several conversations per row, position_ids restarting at each
+
+
+def pack_sft(dataset, block_size: int):
+    """Concatenate tokenized conversations ({"input_ids", "labels"}) into rows of at most block_size tokens, in
+    order (a conversation never straddles two rows), with "position_ids" restarting at 0 for each conversation. The
+    model's mask keeps each conversation to itself (transformers' masking_utils detects restarting position_ids
+    when no attention mask is given; flash attention derives cu_seqlens from them). A conversation's first label is
+    set to -100, as no token of the row before it may learn to predict it: the same targets as the padded rows."""
+
+    def pack(batch):
+        rows, row = [], {"input_ids": [], "labels": [], "position_ids": []}
+        for ids, labels in zip(batch["input_ids"], batch["labels"]):
+            if row["input_ids"] and len(row["input_ids"]) + len(ids) > block_size:
+                rows.append(row)
+                row = {"input_ids": [], "labels": [], "position_ids": []}
+            row["input_ids"] += list(ids)
+            row["labels"] += [IGNORE_INDEX] + list(labels[1:])
+            row["position_ids"] += list(range(len(ids)))
+        if row["input_ids"]:
+            rows.append(row)
+        return {key: [r[key] for r in rows] for key in ("input_ids", "labels", "position_ids")}
+
+    return dataset.map(pack, batched=True, batch_size=1000, remove_columns=dataset.column_names,
+                       desc=f"packing conversations into rows of {block_size}")
+
+
+@dataclass
+class PackedCollator(Collator):
+    """Collator for pack_sft rows: also right-pads position_ids with 0 (each pad then stands alone) and returns no
+    attention mask, so that the model builds the per-conversation mask from position_ids."""
+
+    def __call__(self, rows):
+        if isinstance(rows, dict):
+            rows = [dict(zip(rows, values)) for values in zip(*rows.values())]
+        batch = super().__call__(rows)
+        positions = torch.zeros_like(batch["input_ids"])
+        for i, row in enumerate(rows):
+            positions[i, :len(row["position_ids"])] = torch.as_tensor(row["position_ids"])
+        del batch["attention_mask"]
+        batch["position_ids"] = positions
+        return batch

@@ -9,13 +9,14 @@ Example:
     >>> model = AutoModelForCausalLM.from_pretrained("THUDM/chatglm3-6b", trust_remote_code=True)
 """
 
+import inspect
 import math
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import GenerationMixin, PreTrainedModel, masking_utils
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
@@ -35,6 +36,35 @@ CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__
 def _cache_of(outputs):
     """The Cache held by a model output, whichever name this transformers version gives it."""
     return getattr(outputs, CACHE_FIELD)
+
+
+# transformers 5.x: create_causal_mask(config, inputs_embeds, attention_mask, cache, position_ids) takes the query
+# offset from the cache; 4.57: (config, input_embeds, attention_mask, cache_position, past_key_values, position_ids).
+_MASK_TAKES_CACHE = "cache" in inspect.signature(masking_utils.create_causal_mask).parameters
+
+
+def _causal_mask(config, inputs_embeds, attention_mask, cache, cache_position, position_ids):
+    """transformers' own mask for the configured attention (sdpa/eager/flex/flash, static caches, packed rows)."""
+    if _MASK_TAKES_CACHE:
+        return masking_utils.create_causal_mask(config=config, inputs_embeds=inputs_embeds,
+                                                attention_mask=attention_mask, cache=cache, position_ids=position_ids)
+    if torch.jit.is_tracing():
+        # 4.57 builds sdpa/eager masks with torch.vmap, which jit.trace cannot record (an opaque C++ error).
+        raise RuntimeError("TorchScript tracing (torch.onnx.export(..., dynamo=False), optimum's exporter) needs "
+                           "transformers >= 5.0 with this model: transformers 4.57 builds the attention mask with "
+                           "torch.vmap, which torch.jit.trace cannot record. Use torch.onnx.export(..., dynamo=True) "
+                           "or a newer transformers.")
+    return masking_utils.create_causal_mask(config=config, input_embeds=inputs_embeds, attention_mask=attention_mask,
+                                            cache_position=cache_position, past_key_values=cache,
+                                            position_ids=position_ids)
+
+
+def _tracing() -> bool:
+    """True under torch.compile, torch.export (and so the dynamo ONNX exporter) and TorchScript tracing (the ONNX
+    exporter optimum uses). There the plain-op versions run: jit.trace loses `out=` writes into views, and export and
+    compile need ops they can functionalise; eager training keeps the memory-saving autograd Functions."""
+    exporting = getattr(torch.compiler, "is_exporting", lambda: False)
+    return torch.compiler.is_compiling() or exporting() or torch.jit.is_tracing() or torch.jit.is_scripting()
 
 
 class _RMSNormFunction(torch.autograd.Function):
@@ -71,7 +101,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() and (hidden_states.requires_grad or self.weight.requires_grad):
+        if torch.is_grad_enabled() and (hidden_states.requires_grad or self.weight.requires_grad) and not _tracing():
             return _RMSNormFunction.apply(hidden_states, self.weight, self.eps)
         input_dtype = hidden_states.dtype
         hidden = hidden_states.float()
@@ -121,6 +151,14 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return out
 
 
+def _rotate_pure(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The same rotation as `_rotate` from plain out-of-place ops: what tracers, export and compile record."""
+    rotary_dim = cos.shape[-1] * 2
+    x0, x1 = x[..., :rotary_dim].unflatten(-1, (-1, 2)).unbind(-1)
+    rotated = torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1).flatten(-2)
+    return torch.cat((rotated, x[..., rotary_dim:]), dim=-1)
+
+
 class _RotaryFunction(torch.autograd.Function):
     """RoPE as one autograd node: the backward is the inverse rotation, so no activation is kept."""
 
@@ -138,6 +176,8 @@ class _RotaryFunction(torch.autograd.Function):
 def apply_rotary_pos_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate adjacent pairs (2i, 2i+1) of the first 2 * cos.shape[-1] dims of x [batch, seq, heads, head_dim];
     cos and sin are [batch, seq, 1, rotary_dim / 2]. Returns a new contiguous tensor."""
+    if _tracing():
+        return _rotate_pure(x, cos, sin)
     if torch.is_grad_enabled() and x.requires_grad:
         return _RotaryFunction.apply(x, cos, sin)
     return _rotate(x, cos, sin)
@@ -221,7 +261,7 @@ class MLP(nn.Module):
 
     def forward(self, hidden_states):
         gate_up = self.dense_h_to_4h(hidden_states)
-        if torch.is_grad_enabled() and gate_up.requires_grad:
+        if torch.is_grad_enabled() and gate_up.requires_grad and not _tracing():
             return self.dense_4h_to_h(_SwiGLUFunction.apply(gate_up))
         gate, up = gate_up.chunk(2, dim=-1)
         return self.dense_4h_to_h(F.silu(gate).mul_(up))
@@ -325,6 +365,7 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flex_attn = True
     _supports_attention_backend = True
+    _can_compile_fullgraph = True  # without a P-tuning prefix
 
     # Weights a checkpoint may lack: heads that are new by design (a P-tuning v2 prefix added to a base model, a
     # sequence classifier on a causal-LM checkpoint). Any other missing weight would stay random.
@@ -394,40 +435,6 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         prefix = prefix.permute(2, 0, 3, 1, 4)  # [layers * 2, batch, kv_heads, pre_seq_len, kv_channels]
         return [(prefix[2 * i], prefix[2 * i + 1]) for i in range(config.num_layers)]
 
-    def _attention_mask(self, attention_mask, batch, q_len, kv_len, past_len, device, dtype):
-        """The mask in the form the configured attention implementation takes (None when plain causal will do)."""
-        implementation = self.config._attn_implementation or "sdpa"
-        if attention_mask is not None and attention_mask.dim() == 4:
-            return attention_mask  # already built by the caller (e.g. generate() with a static cache)
-        prefix_len = _prefix_length(self.config)
-        if attention_mask is not None:
-            attention_mask = attention_mask.to(device=device, dtype=torch.bool)
-            if prefix_len:
-                attention_mask = F.pad(attention_mask, (prefix_len, 0), value=True)
-            if bool(attention_mask.all()):
-                attention_mask = None
-        if implementation.startswith("flash_attention"):
-            # Flash kernels take the 2D padding mask; causality is aligned bottom-right inside the kernel.
-            return attention_mask
-        if implementation == "flex_attention":
-            return _flex_block_mask(attention_mask, batch, q_len, kv_len, past_len, device)
-        if attention_mask is None and kv_len == past_len + q_len:
-            if q_len == 1 or (q_len == kv_len and implementation == "sdpa"):
-                return None  # sdpa's is_causal (or a single query seeing everything) is the whole mask
-        key_index = torch.arange(kv_len, device=device)
-        query_index = torch.arange(past_len, past_len + q_len, device=device)
-        allowed = key_index[None, :] <= query_index[:, None]  # [q, kv]
-        allowed = allowed[None, None].expand(batch, 1, q_len, kv_len)
-        if attention_mask is not None:
-            padding = attention_mask[:, :kv_len]
-            if padding.shape[-1] < kv_len:  # a static cache is longer than the tokens seen so far
-                padding = F.pad(padding, (0, kv_len - padding.shape[-1]), value=False)
-            # A query always sees itself, so left-pad rows never softmax over nothing (NaN).
-            allowed = (allowed & padding[:, None, None, :]) | (key_index[None, :] == query_index[:, None])
-        if implementation == "sdpa" or implementation.endswith("sdpa"):
-            return allowed
-        return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
-
     def forward(
         self,
         input_ids: Optional[torch.LongTensor] = None,
@@ -465,34 +472,55 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         device = inputs_embeds.device
 
         prefix_len = _prefix_length(config)
-        if use_cache and cache is None:
+        created_cache = use_cache and cache is None
+        if created_cache:
             cache = DynamicCache()
-        past_len = cache.get_seq_length() if cache is not None else 0
+        # generate() passes cache_position on transformers 4.57 (static caches there need it: their length is a
+        # data-dependent count); 5.x passes none and its caches count themselves, as a tensor for static ones.
+        cache_position = kwargs.pop("cache_position", None)
         prefix = None
-        if prefix_len and past_len == 0:
-            prefix = self.get_prompt(batch, device, inputs_embeds.dtype)
-            if cache is not None:
-                for layer_idx, (key, value) in enumerate(prefix):
-                    cache.update(key, value, layer_idx, {"cache_position": torch.arange(prefix_len, device=device)})
-                prefix = None
-            past_len = prefix_len
+        if prefix_len:
+            # P-tuning v2 (eager only, not compile-clean): the prefix enters the cache on the first step. Our own
+            # count then, because generate()'s leaves the prefix out and a continued conversation's includes it.
+            cache_position = None
+            if (cache.get_seq_length() if cache is not None else 0) == 0:
+                prefix = self.get_prompt(batch, device, inputs_embeds.dtype)
+                if cache is not None:
+                    prefix_position = torch.arange(prefix_len, device=device)
+                    for layer_idx, (key, value) in enumerate(prefix):
+                        cache.update(key, value, layer_idx, {"cache_position": prefix_position})
+                    prefix = None
+        if cache_position is None:
+            past_len = cache.get_seq_length() if cache is not None else (prefix_len if prefix is not None else 0)
+            cache_position = torch.arange(q_len, device=device) + past_len  # a tensor sum: no data-dependent guard
         # Positions count real tokens only: a P-tuning prefix sits before position 0.
         if position_ids is None:
             if attention_mask is not None and attention_mask.dim() == 2:
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -q_len:]
             else:
-                position_ids = torch.arange(past_len - prefix_len, past_len - prefix_len + q_len, device=device)
-                position_ids = position_ids.unsqueeze(0).expand(batch, -1)
-        position_embeddings = self.rotary_pos_emb(position_ids.to(device), inputs_embeds.dtype)
+                position_ids = (cache_position - prefix_len).unsqueeze(0).expand(batch, -1)
+        position_ids = position_ids.to(device)
+        position_embeddings = self.rotary_pos_emb(position_ids, inputs_embeds.dtype)
 
-        # Our own count, not generate()'s (which ignores a P-tuning prefix); static caches in 4.57 need it.
-        cache_position = torch.arange(past_len, past_len + q_len, device=device)
-        kv_len = past_len + q_len
-        if cache is not None and hasattr(cache, "get_max_cache_shape"):
-            max_shape = cache.get_max_cache_shape()
-            if isinstance(max_shape, int) and max_shape > 0:
-                kv_len = max_shape  # static caches hand back their whole length
-        mask = self._attention_mask(attention_mask, batch, q_len, kv_len, past_len, device, inputs_embeds.dtype)
+        mask_cache = cache
+        if attention_mask is not None and attention_mask.dim() == 2 and prefix_len:
+            # The caller's mask covers the real tokens; the prefix is always visible.
+            attention_mask = F.pad(attention_mask.to(device=device, dtype=torch.bool), (prefix_len, 0), value=True)
+        if prefix is not None:
+            # No cache but a prefix (use_cache=False): size the mask by a cache holding the prefix alone.
+            mask_cache = DynamicCache()
+            mask_cache.update(*prefix[0], 0, {"cache_position": torch.arange(prefix_len, device=device)})
+        elif created_cache and not prefix_len:
+            mask_cache = None  # empty: the no-cache mask, which also detects packed rows from position_ids
+        if (config._attn_implementation == "flex_attention"
+                and not (attention_mask is not None and attention_mask.dim() == 4)):
+            mask = _flex_block_mask(attention_mask, position_ids, mask_cache, batch, q_len, device)
+        else:
+            mask = _causal_mask(config, inputs_embeds, attention_mask, mask_cache, cache_position, position_ids)
+        # Flash attention derives packed rows' cu_seqlens from position_ids when no mask is given; flex takes no
+        # position_ids (with torch 2.13 on CPU, passing them on breaks inductor's flex kernel, as in native Glm).
+        if config._attn_implementation != "flex_attention":
+            kwargs["position_ids"] = position_ids
 
         hidden_states = inputs_embeds
         all_hidden_states = () if output_hidden_states else None
@@ -511,6 +539,7 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
                 cache=layer_cache,
                 cache_position=cache_position,
                 output_attentions=output_attentions,
+                **kwargs,  # e.g. flash attention's cu_seq_lens_q/k, max_length_q/k for packed rows
             )
             if output_attentions:
                 all_attentions += (weights,)
@@ -528,20 +557,40 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         return outputs if return_dict else outputs.to_tuple()
 
 
-def _flex_block_mask(padding, batch, q_len, kv_len, past_len, device):
-    """The same causal + padding rule as a flex-attention BlockMask (a dense float mask crashes flex on CPU)."""
+def _flex_block_mask(padding, position_ids, cache, batch, q_len, device):
+    """Causal + padding (+ packed rows) as a flex-attention BlockMask. Our own rather than transformers': with torch
+    2.13 on CPU, inductor fails to compile flex attention with transformers' decode-step mask (a C++ error; native
+    GlmForCausalLM fails the same way), and a dense mask crashes flex on CPU."""
     from torch.nn.attention.flex_attention import create_block_mask
 
-    if padding is not None and padding.shape[-1] < kv_len:
-        padding = F.pad(padding, (0, kv_len - padding.shape[-1]), value=False)
+    if cache is None:
+        kv_len = q_len
+    else:  # a static cache hands back its whole length, a dynamic one what it holds after this step
+        max_len = cache.get_max_cache_shape() if hasattr(cache, "get_max_cache_shape") else -1
+        kv_len = max_len if isinstance(max_len, int) and max_len > 0 else int(cache.get_seq_length()) + q_len
+    # A Python int where the cache counts in ints (a captured 0-d tensor offset hits the same CPU compile error).
+    offset = cache.get_seq_length() if cache is not None else 0
+    if padding is not None:
+        padding = padding.to(device=device, dtype=torch.bool)
+        if padding.shape[-1] < kv_len:
+            padding = F.pad(padding, (0, kv_len - padding.shape[-1]), value=False)
+    packed = None
+    if padding is None and cache is None:
+        packed = masking_utils.find_packed_sequence_indices(position_ids.expand(batch, -1))
 
     def mask_mod(b, h, q_idx, kv_idx):
-        query = q_idx + past_len
+        query = q_idx + offset
         allowed = kv_idx <= query
         if padding is None:
             return allowed
+        # A query always sees itself, so left-pad rows never softmax over nothing.
         return (allowed & padding[b, kv_idx]) | (kv_idx == query)
 
+    if packed is not None:
+        def packed_mask_mod(b, h, q_idx, kv_idx):
+            return (kv_idx <= q_idx) & (packed[b, q_idx] == packed[b, kv_idx])
+
+        return create_block_mask(packed_mask_mod, batch, None, q_len, kv_len, device=device)
     return create_block_mask(mask_mod, batch, None, q_len, kv_len, device=device)
 
 
@@ -663,6 +712,13 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin, C
     def get_output_embeddings(self):
         return self.transformer.output_layer
 
+    def create_masks_for_generate(self, *args, **kwargs):
+        """generate()'s hook that builds a static cache's 4D mask ahead of the forward: transformers' own, except with
+        a P-tuning prefix, which it does not know of (the forward then builds the mask from the 2D one)."""
+        if _prefix_length(self.config):
+            return kwargs["attention_mask"]
+        return masking_utils.create_masks_for_generate(*args, **kwargs)
+
     def set_output_embeddings(self, new_embeddings):
         self.transformer.output_layer = new_embeddings
 
@@ -693,6 +749,7 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin, C
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
             return_dict=True,
+            **{k: v for k, v in kwargs.items() if k != "num_items_in_batch"},  # cache_position, attention kwargs
         )
         hidden_states = outputs.last_hidden_state
         head = self.transformer.output_layer
@@ -700,6 +757,7 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin, C
         # Training with labels: the loss without the logits (logits=None), which would be the largest tensors of the
         # step. Evaluation, generation and no-grad calls return the logits as usual.
         if (labels is not None and self.training and torch.is_grad_enabled() and _is_plain_linear(head)
+                and not _tracing()
                 and isinstance(logits_to_keep, int) and logits_to_keep == 0
                 and (hidden_states.requires_grad or head.weight.requires_grad)):
             logits, loss = None, fused_causal_lm_loss(hidden_states, head.weight, labels, num_items)

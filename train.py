@@ -82,6 +82,9 @@ def parse_args(argv=None):
                       "Default: 'conversations' or 'messages', whichever the data has.")
     data.add_argument("--block_size", type=int, help="Pretraining block length / SFT maximum length in tokens "
                       "(default 256 built-in, else min(1024, model seq_length)); must not exceed seq_length.")
+    data.add_argument("--packing", action="store_true", help="SFT: pack several conversations into each row of up "
+                      "to --block_size tokens, position_ids restarting per conversation (each attends only to "
+                      "itself); less padding, the same loss.")
     data.add_argument("--streaming", action="store_true", help="Stream the dataset instead of loading it; the "
                       "stream is sharded across processes. Needs --max_train_steps.")
     data.add_argument("--max_train_samples", type=int, help="Use only this many training rows (debugging).")
@@ -162,6 +165,10 @@ def parse_args(argv=None):
         parser.error("give --model_name_or_path (fine-tune) or --config_name (from scratch)")
     if args.merge_lora and not args.lora_r:
         parser.error("--merge_lora needs --lora_r")
+    if args.packing and args.streaming:
+        parser.error("--packing needs a map-style dataset; it does not work with --streaming")
+    if args.packing and args.pre_seq_len:
+        parser.error("--packing cannot be combined with --pre_seq_len (the P-tuning prefix mask is not per-sequence)")
     if args.lora_r and args.pre_seq_len:
         parser.error("choose one of --lora_r and --pre_seq_len")
     check_flag_values(parser, args)
@@ -707,8 +714,9 @@ def token_loss_sum(model, batch):
     """Summed next-token cross entropy (fp32) and the number of target tokens of one micro-batch."""
     import torch.nn.functional as F
 
-    # Right padding: real tokens never attend to the pads after them, so no mask is needed.
-    logits = model(input_ids=batch["input_ids"], use_cache=False).logits
+    # Right padding: real tokens never attend to the pads after them, so no mask is needed. Packed rows (--packing)
+    # carry position_ids restarting per conversation, from which the model builds the per-conversation mask.
+    logits = model(input_ids=batch["input_ids"], position_ids=batch.get("position_ids"), use_cache=False).logits
     labels = batch["labels"][:, 1:]
     loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels.flatten(), ignore_index=-100,
                            reduction="sum")
@@ -1061,6 +1069,13 @@ def main(argv=None):
     holder = lambda raw_train, mode: load_or_train_tokenizer(args, accelerator, raw_train, mode, checkpoint)  # noqa
     mode, tokenizer, train, validation, heldout = prepare_data(args, accelerator, holder)
     collate = data_glm.Collator(tokenizer.pad_token_id)
+    train_collate = collate
+    if args.packing:
+        if mode != "sft":
+            raise ValueError(f"--packing packs SFT conversations; this run is in {mode} mode (pretraining text is "
+                             "already packed into blocks)")
+        train = data_glm.pack_sft(train, args.block_size)
+        train_collate = data_glm.PackedCollator(tokenizer.pad_token_id)
     model = build_model(args, config, tokenizer)
     new_tokenizer = not (args.tokenizer_name or args.model_name_or_path or checkpoint)
     start_output_dir(args, accelerator, output_plan, new_tokenizer)  # the first change to --output_dir
@@ -1119,7 +1134,7 @@ def main(argv=None):
     if args.checkpointing_steps:
         say(f"checkpoints every {args.checkpointing_steps} steps in {output_dir / 'checkpoints'}; a stopped run "
             "continues with --resume_from_checkpoint latest")
-    batches = micro_batches(args, accelerator, train, collate, start_step * args.gradient_accumulation_steps,
+    batches = micro_batches(args, accelerator, train, train_collate, start_step * args.gradient_accumulation_steps,
                             batches_per_epoch)
     params = matmul_params(accelerator.unwrap_model(model))
     peak = peak_flops(args, accelerator) * accelerator.num_processes

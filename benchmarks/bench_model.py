@@ -13,6 +13,11 @@ What is measured, per config:
   gen1/8   greedy generate() of 256 new tokens after a 32-token prompt, batch 1 and 8, each model with its own
            default generation settings (native: DynamicCache): new tokens/s, and the share of the weight-streaming
            bound (every weight matrix read once per decoding step at the measured bandwidth)
+  compiled greedy batch 1 and 8 with a static cache and torch.compile(fullgraph=True) through generate()'s
+           compile_config, ours against native compiled the same way and against native's default eager generate();
+           the first call's extra seconds as compile time (--compiled-new-tokens new tokens, default 64)
+  packing  SFT training (forward + backward + AdamW) on the built-in skill conversations, one per padded row against
+           train.py --packing rows (data_glm.pack_sft): real tokens/s
 and the machine's own limits in the same run: dense matmul FLOP/s (a 2048^2 fp32 product on CPU) and matrix-vector
 bandwidth (a 256 MB fp32 / 1 GB bf16 weight times one vector, as a decoding step reads its weights). Both are measured
 once at the start (the header) and again between the training steps and the generate() calls, in the same
@@ -52,7 +57,7 @@ CONFIGS = {
 TRAIN_BATCH, TRAIN_LEN = 4, 512
 PREFILL_LEN = 2048
 PROMPT_LEN = 32
-SECTIONS = ("train", "memory", "prefill", "gen1", "gen8")
+SECTIONS = ("train", "memory", "prefill", "gen1", "gen8", "compiled", "packing")
 
 
 def build_pair(name, device, dtype, which=("ours", "native")):
@@ -301,7 +306,108 @@ def run_config(name, args, device, dtype, limits):
         rows.append((f"generate b{batch} % of weight-streaming bound", 100 * speed["native"] / bound,
                      100 * speed["ours"] / bound, speed["ours"] / speed["native"],
                      f"bound {bound:.0f} tokens/s: {weight_bytes / 2 ** 20:.0f} MB/step at {bandwidth / 1e9:.1f} GB/s"))
+    if "compiled" in args.sections:
+        rows.extend(compiled_rows(models, vocab, args, device, weight_bytes, generator))
+    if "packing" in args.sections:
+        rows.extend(packing_rows(config, models["ours"], args, device, dtype))
     return {"config": name, "parameters": total_params, "rows": rows}
+
+
+def compiled_rows(models, vocab, args, device, weight_bytes, generator):
+    """Static cache + fullgraph compile for both models, and native's default eager generate()."""
+    from transformers import CompileConfig
+
+    compile_config = CompileConfig(fullgraph=True, mode="default" if device.type == "cpu" else "reduce-overhead")
+    compile_config._compile_all_devices = True  # generate() compiles only on GPUs unless told to (CPU runs)
+    new = args.compiled_new_tokens
+    rows = []
+    for batch in (1, 8):
+        ids = torch.randint(3, vocab, (batch, PROMPT_LEN), generator=generator).to(device)
+        outputs, compile_seconds = {}, {}
+
+        def generate(key, model, compiled):
+            extra = dict(cache_implementation="static", compile_config=compile_config) if compiled else {}
+
+            def run():
+                outputs[key] = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
+                                              min_new_tokens=new, do_sample=False, pad_token_id=0, eos_token_id=None,
+                                              **extra)
+            return run
+
+        runs = {"native eager": generate("native eager", models["native"], False),
+                "native compiled": generate("native compiled", models["native"], True),
+                "ours compiled": generate("ours compiled", models["ours"], True)}
+        for key in ("native compiled", "ours compiled"):  # the first call compiles
+            torch._dynamo.reset()
+            start = time.perf_counter()
+            runs[key]()
+            synchronize(device)
+            compile_seconds[key] = time.perf_counter() - start
+        seconds = alternate(runs, args.repeats, device, warmup=0)
+        for key in compile_seconds:
+            compile_seconds[key] -= seconds[key]
+        speed = {key: batch * new / s for key, s in seconds.items()}
+        same = (outputs["ours compiled"] == outputs["native eager"]).float().mean().item()
+        bound = batch * limits_bandwidth(device, args) / weight_bytes
+        rows.append((f"compiled b{batch} vs native eager tokens/s", speed["native eager"], speed["ours compiled"],
+                     speed["ours compiled"] / speed["native eager"], f"tokens identical: {100 * same:.1f}%"))
+        rows.append((f"compiled b{batch} vs native compiled tokens/s", speed["native compiled"],
+                     speed["ours compiled"], speed["ours compiled"] / speed["native compiled"], ""))
+        rows.append((f"compiled b{batch} % of weight-streaming bound", 100 * speed["native compiled"] / bound,
+                     100 * speed["ours compiled"] / bound, speed["ours compiled"] / speed["native compiled"],
+                     f"bound {bound:.0f} tokens/s"))
+        print(f"# compiled b{batch}: {speed} tokens/s, compile {compile_seconds} s, bound {bound:.0f}", flush=True)
+        rows.append((f"compiled b{batch} compile seconds", compile_seconds["native compiled"],
+                     compile_seconds["ours compiled"],
+                     compile_seconds["ours compiled"] / max(compile_seconds["native compiled"], 1e-9),
+                     "first call minus a timed call"))
+    return rows
+
+
+def limits_bandwidth(device, args):
+    return matvec_bandwidth(device, args.dtype_obj, 3)
+
+
+def packing_rows(config, model, args, device, dtype, batch=32, block=256):
+    """Real (non-pad) training tokens/s on the built-in skill data: padded rows against packed rows."""
+    import datasets
+
+    import data_glm
+    import train as train_script
+
+    conversations = args.packing_conversations
+    rows_data, _ = data_glm.skill_splits(n_train=conversations, n_heldout=2, seed=0)
+    tokenizer = glm.tokenization.train_glm_tokenizer(list(data_glm.conversation_texts(rows_data)), vocab_size=800)
+    tokenized = data_glm.tokenize_sft(datasets.Dataset.from_list(rows_data), tokenizer, "conversations", block)
+    packed = data_glm.pack_sft(tokenized, block)
+    padded_batches = [data_glm.Collator(tokenizer.pad_token_id)(list(tokenized.select(range(i, min(i + batch,
+                      len(tokenized)))))) for i in range(0, len(tokenized), batch)]
+    # The same tokens in packed rows, at the padded run's tokens per step (rows of `block`).
+    rows_per_step = max(1, sum(b["input_ids"].numel() for b in padded_batches) // len(padded_batches) // block)
+    packed_batches = [data_glm.PackedCollator(tokenizer.pad_token_id)(list(packed.select(range(i, min(
+                      i + rows_per_step, len(packed)))))) for i in range(0, len(packed), rows_per_step)]
+    real = sum(len(r) for r in tokenized["input_ids"])
+    model.train()
+    optimizer = make_optimizer(model)
+
+    def epoch(batches):
+        def run():
+            for b in batches:
+                b = {k: v.to(device) for k, v in b.items()}
+                loss, count = train_script.token_loss_sum(model, b)
+                (loss / count).backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        return run
+
+    seconds = alternate({"padded": epoch(padded_batches), "packed": epoch(packed_batches)}, args.repeats, device)
+    model.eval()
+    padded_tokens = sum(b["input_ids"].numel() for b in padded_batches)
+    packed_tokens = sum(b["input_ids"].numel() for b in packed_batches)
+    return [("SFT train real tokens/s: padded | packed", real / seconds["padded"], real / seconds["packed"],
+             seconds["padded"] / seconds["packed"],
+             f"{conversations} conversations; padded {padded_tokens} / packed {packed_tokens} tokens for {real} "
+             f"real; {len(padded_batches)} vs {len(packed_batches)} steps")]
 
 
 def print_table(result, header):
@@ -321,6 +427,9 @@ def main(argv=None):
                         help="default float32 on CPU, bfloat16 on CUDA")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per model (default 5, --quick 3)")
     parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--compiled-new-tokens", type=int, default=64, help="new tokens of the compiled rows")
+    parser.add_argument("--packing-conversations", type=int, default=128, help="built-in conversations of the "
+                        "packing rows (padded: 32 per step)")
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
     parser.add_argument("--quick", action="store_true", help="the small config only, 3 repeats")
@@ -338,6 +447,7 @@ def main(argv=None):
         args.configs = "small" if args.quick else ("small,large" if device.type == "cpu" else "small,1b")
     args.repeats = args.repeats or (3 if args.quick else 5)
     args.sections = set(args.sections.split(","))
+    args.dtype_obj = dtype
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
 
