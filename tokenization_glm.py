@@ -1034,9 +1034,14 @@ def train_glm_tokenizer(texts, vocab_size, min_frequency=2, show_progress=False)
     model = io.BytesIO()
     try:
         _train_sentencepiece(sentencepiece, lines(), model, learned, show_progress)
-    except RuntimeError:
+    except RuntimeError as error:
         if bad:
             raise bad[0] from None
+        found = re.search(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)", str(error))
+        if found:  # each character kept as a piece needs a row: say which setting is too small
+            need = int(found.group(2)) - int(found.group(1)) + vocab_size
+            raise ValueError(f"vocab_size {vocab_size} is too small for the training texts' characters: it needs at "
+                             f"least {need} (train.py: --tokenizer_vocab_size)") from None
         raise
     folder = tempfile.mkdtemp(prefix="glm-tokenizer-")
     path = os.path.join(folder, "tokenizer.model")

@@ -280,7 +280,7 @@ def test_train_packing_gives_the_padded_runs_loss_sum_and_target_count():
     import train
 
     rows, _ = data_glm.skill_splits(n_train=24, n_heldout=2, seed=3)
-    tokenizer = glm.tokenization.train_glm_tokenizer(list(data_glm.conversation_texts(rows)), vocab_size=300)
+    tokenizer = glm.tokenization.train_glm_tokenizer(list(data_glm.conversation_texts(rows)), vocab_size=500)
     tokenized = data_glm.tokenize_sft(datasets.Dataset.from_list(rows), tokenizer, "conversations", block_size=96)
     packed = data_glm.pack_sft(tokenized, block_size=96)
     assert len(packed) < len(tokenized) and max(len(r) for r in packed["input_ids"]) <= 96

@@ -508,3 +508,10 @@ def test_save_load_round_trip_through_auto_tokenizer(glm4_folder, trained, tmp_p
             tokenizer.chat_template,
         ]
         assert loaded[str(folder)][4] == loaded[str(folder)][5]  # the template gives build_chat_input's ids
+
+
+def test_too_small_a_vocabulary_for_the_characters_names_the_setting():
+    texts = ["".join(chr(0x4E00 + i + 40 * j) for i in range(40)) for j in range(20)] * 3  # 800 distinct characters
+    with pytest.raises(ValueError, match=r"vocab_size 300 is too small for the training texts' characters: it needs "
+                                         r"at least \d+ \(train.py: --tokenizer_vocab_size\)"):
+        tg.train_glm_tokenizer(texts, vocab_size=300)
