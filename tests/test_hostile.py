@@ -127,7 +127,7 @@ def test_overwrite_replaces_only_our_files_and_retrains_the_tokenizer(workspace,
     chats = write_jsonl(tmp_path / "chats.jsonl", [json.loads(line) for line in
                                                    (workspace / "chats.jsonl").read_text().splitlines()])
     argv = ["--config_name", str(workspace / "tiny.json"), "--train_file", str(chats), "--output_dir", str(out),
-            "--tokenizer_vocab_size", "300", "--max_train_steps", "2", "--block_size", "64",
+            "--tokenizer_vocab_size", "400", "--max_train_steps", "2", "--block_size", "64",
             "--per_device_train_batch_size", "8", "--overwrite_output_dir"]
     train.main(argv)
     assert (out / "notes.txt").read_text() == "mine" and (out / ".git" / "HEAD").exists()
@@ -137,9 +137,9 @@ def test_overwrite_replaces_only_our_files_and_retrains_the_tokenizer(workspace,
     from transformers import AutoTokenizer
 
     rows, _ = data_glm.read_json_rows(str(chats))
-    for size in (300, 400):
-        if size == 400:  # again, another vocabulary size: a new run trains its own tokenizer, never the folder's
-            train.main([a if a != "300" else "400" for a in argv])
+    for size in (400, 480):
+        if size == 480:  # again, another vocabulary size: a new run trains its own tokenizer, never the folder's
+            train.main([a if a != "400" else "480" for a in argv])
         expected = glm.tokenization.train_glm_tokenizer(data_glm.conversation_texts(rows), vocab_size=size)
         assert AutoTokenizer.from_pretrained(out, trust_remote_code=True).get_vocab() == expected.get_vocab()
     assert (out / "notes.txt").read_text() == "mine"
@@ -180,7 +180,7 @@ def test_bad_file_or_row_is_named_before_any_write(workspace, tmp_path, case, me
     out = tmp_path / "out"
     # From scratch (the tokenizer would be trained on these rows), so the check must come before that.
     argv = ["--config_name", str(workspace / "tiny.json"), "--train_file", str(path), "--output_dir", str(out),
-            "--max_train_steps", "1", "--tokenizer_vocab_size", "300"]
+            "--max_train_steps", "1", "--tokenizer_vocab_size", "400"]
     with pytest.raises(ValueError, match=message):
         train.main(argv)
     assert not out.exists()
@@ -209,7 +209,7 @@ def test_json_strings_stay_strings_and_dict_tool_calls_train(workspace, tmp_path
     # The dict form of a tool call trains a tokenizer from scratch end to end.
     out = tmp_path / "out"
     train.main(["--config_name", str(workspace / "tiny.json"), "--train_file", str(path), "--output_dir", str(out),
-                "--max_train_steps", "1", "--tokenizer_vocab_size", "300", "--per_device_train_batch_size", "4",
+                "--max_train_steps", "1", "--tokenizer_vocab_size", "400", "--per_device_train_batch_size", "4",
                 "--block_size", "128"])
     assert (out / "model.safetensors").exists()
 
@@ -352,7 +352,7 @@ def test_kill_while_writing_the_tokenizer_copy_needs_no_cleanup(workspace, tmp_p
 
     out = tmp_path / "out"
     argv = ["--config_name", str(workspace / "tiny.json"), "--train_file", str(workspace / "chats.jsonl"),
-            "--output_dir", str(out), "--tokenizer_vocab_size", "300", "--max_train_steps", "3", "--block_size", "64",
+            "--output_dir", str(out), "--tokenizer_vocab_size", "400", "--max_train_steps", "3", "--block_size", "64",
             "--per_device_train_batch_size", "8", "--checkpointing_steps", "1", "--checkpoints_total_limit", "5"]
     killed = run_script(argv, env={"GLM_TRAIN_KILL_IN_TOKENIZER": "1"})
     assert killed.returncode == -9
