@@ -1,11 +1,11 @@
 """Run a model folder in llama.cpp (through llama-cpp-python) and compare with our code: prompt ids and greedy tokens.
 
-Not part of CI: llama-cpp-python builds llama.cpp from source (10-20 minutes on 2 cores the first time). Use
+llama-cpp-python builds llama.cpp from source (about 7 minutes on 2 cores the first time). Use
 scripts/engines_check.sh, which installs it once into ~/.cache/glm-hf-engines and runs this file:
 
     bash scripts/engines_check.sh output/glm-skills
 
-Exits non-zero when an id differs. UNVERIFIED in this repository's CI (no build there).
+Exits non-zero when an id differs. tests/test_engines.py runs it on each folder kind (CI installs the engine).
 """
 
 import argparse

@@ -344,3 +344,22 @@ def test_train_warns_when_engines_would_compute_another_head_size():
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         train.build_model(args, tiny_config(kv_channels=8), tokenizer)  # 64 / 8: no warning
+
+
+ENGINES = Path(os.environ.get("GLM_ENGINES_CACHE", Path.home() / ".cache" / "glm-hf-engines")) / \
+    "llama-cpp-python-0.3.36"
+
+
+@pytest.mark.parametrize("kind", ["thudm_folder", "finetune_folder", "scratch_folder"])
+def test_llama_cpp_runs_each_folder_kind_like_our_model(kind, request, llama_cpp):
+    """llama.cpp itself (llama-cpp-python, built by scripts/install_engines.sh; CI builds it once): the converted
+    folder's prompt ids (plain and chat) and 20 greedy tokens equal ours (scripts/engines_check.py)."""
+    if not (ENGINES / ".complete").exists():
+        pytest.skip(f"llama-cpp-python is not built in {ENGINES}: bash scripts/install_engines.sh (about 7 minutes)")
+    folder = request.getfixturevalue(kind)
+    env = {**os.environ, "PYTHONPATH": str(ENGINES), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "engines_check.py"), str(folder)], env=env,
+                            capture_output=True, text=True, timeout=600)
+    lines = [line for line in result.stdout.splitlines() if line.startswith(("OK", "DIFF"))]
+    assert result.returncode == 0 and len(lines) == 6 and all(line.startswith("OK ") for line in lines), \
+        result.stdout[-2000:] + result.stderr[-2000:]
