@@ -45,3 +45,22 @@ def tiny_config(**overrides):
                   ffn_hidden_size=96, padded_vocab_size=128, seq_length=256, pad_token_id=0, eos_token_id=2)
     values.update(overrides)
     return glm.ChatGLMConfig(**values)
+
+
+def train_to_replay(conversations, tokenizer, config, steps, stop_loss):
+    """A GLM trained on `conversations` until greedy decoding replays them (loss under `stop_loss`, or `steps`)."""
+    import torch
+
+    rows = [tokenizer.tokenize_conversation(conversation) for conversation in conversations]
+    torch.manual_seed(0)
+    model = glm.ChatGLMForConditionalGeneration(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        loss = sum(model(torch.tensor([row["input_ids"]]), labels=torch.tensor([row["labels"]])).loss for row in rows)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        if loss.item() < stop_loss:
+            break
+    model.generation_config.eos_token_id = tokenizer.stop_token_ids
+    return model

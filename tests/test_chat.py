@@ -11,7 +11,7 @@ import threading
 import pytest
 import torch
 from benchmarks.bench_quantize import agreement, trained_small_model, weight_bytes
-from conftest import ROOT, glm, import_extra, tiny_config
+from conftest import ROOT, glm, import_extra, tiny_config, train_to_replay
 from transformers import (AutoModelForCausalLM, AutoTokenizer, LogitsProcessor, LogitsProcessorList,
                           TextIteratorStreamer, pipeline)
 
@@ -361,19 +361,8 @@ def chat_folder(tmp_path_factory):
     as a Hub-style folder."""
     corpus = CORPUS + [json.dumps(SMALL_TOOLS, indent=4), TOOL_CALL, '{"weather": "晴"}', "北京今天晴"]
     tokenizer = glm.tokenization.train_glm_tokenizer(corpus * 20, vocab_size=400)
-    rows = [tokenizer.tokenize_conversation(conversation) for conversation in TRAINED_CONVERSATIONS]
-    torch.manual_seed(0)
-    model = glm.ChatGLMForConditionalGeneration(tiny_config(padded_vocab_size=416))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for _ in range(150):
-        loss = sum(model(torch.tensor([row["input_ids"]]), labels=torch.tensor([row["labels"]])).loss for row in rows)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        if loss.item() < 0.02:
-            break
+    model = train_to_replay(TRAINED_CONVERSATIONS, tokenizer, tiny_config(padded_vocab_size=416), 150, 0.02)
     folder = tmp_path_factory.mktemp("chat_model")
-    model.generation_config.eos_token_id = tokenizer.stop_token_ids
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)

@@ -10,8 +10,7 @@ import subprocess
 import sys
 
 import pytest
-import torch
-from conftest import ROOT, glm, tiny_config
+from conftest import ROOT, glm, tiny_config, train_to_replay
 
 import data_glm
 
@@ -43,20 +42,9 @@ def demo_folder(tmp_path_factory):
     corpus = [text for _, metadata, content in (p for c in DEMO for p in glm.tokenization.chat_parts(c))
               for text in (metadata, content)]
     tokenizer = glm.tokenization.train_glm_tokenizer(corpus * 20, vocab_size=400)
-    rows = [tokenizer.tokenize_conversation(conversation) for conversation in DEMO]
-    torch.manual_seed(0)
-    model = glm.ChatGLMForConditionalGeneration(tiny_config(padded_vocab_size=416, seq_length=512))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for _ in range(300):
-        loss = sum(model(torch.tensor([row["input_ids"]]), labels=torch.tensor([row["labels"]])).loss for row in rows)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        if loss.item() < 0.01:
-            break
+    model = train_to_replay(DEMO, tokenizer, tiny_config(padded_vocab_size=416, seq_length=512), 300, 0.01)
     root = tmp_path_factory.mktemp("docs")
     folder = root / "output" / "glm-skills"
-    model.generation_config.eos_token_id = tokenizer.stop_token_ids
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return root
