@@ -1,14 +1,32 @@
-"""Run a model folder in llama.cpp (through llama-cpp-python) and compare with our code: prompt ids and greedy tokens.
+"""Run a model folder in llama.cpp (llama-cpp-python) and chatglm.cpp (chatglm-cpp) and compare with our code.
 
-llama-cpp-python builds llama.cpp from source (about 7 minutes on 2 cores the first time). Use
-scripts/engines_check.sh, which installs it once into ~/.cache/glm-hf-engines and runs this file:
+Each engine gets the folder through its own stock converter and is used the way its documentation shows; for every
+prompt the check compares prompt ids and greedy tokens with ours, and chat replies with our `model.chat()` reply
+(the original API, whose `process_response` strips the text):
 
-    bash scripts/engines_check.sh output/glm-skills
+  llama.cpp    plain completion        `[gMASK]sop` + text, tokenized with control-token parsing on
+               chat, our template      the GGUF's chat template rendered by us, tokenized by llama.cpp
+               chat, llama.cpp's own   `llama_chat_apply_template` (the C++ formatter llama-cli and llama-server
+                                       use without --jinja) on the GGUF's template
+               create_chat_completion  llama-cpp-python's default handler (the GGUF's Jinja template): prompt ids;
+                                       with stop_token_ids given to that handler: greedy tokens and reply text
+  chatglm.cpp  plain + chat            `Pipeline.tokenizer.encode` / `apply_chat_template` ids, `Pipeline.chat`
+                                       (stream=True, for the token ids) tokens and reply
 
-Exits non-zero when an id differs. tests/test_engines.py runs it on each folder kind (CI installs the engine).
+Both engines build from source (scripts/install_engines.sh, about 7 + 4.5 minutes on 2 cores the first time, then
+cached in ~/.cache/glm-hf-engines). scripts/engines_check.sh installs them and runs this file:
+
+    bash scripts/engines_check.sh output/glm-skills                 # both engines
+    bash scripts/engines_check.sh output/glm-skills --engines llama.cpp
+
+Prints one OK/DIFF line per comparison (SKIP, with the reason, for a chatglm.cpp chat whose reply would contain
+padding-row ids: an untrained model's output, which crashes chatglm.cpp's decoder) and exits non-zero when any
+differs. An engine that was asked for and
+cannot be imported is an error, not a skip. tests/test_engines.py runs it on each folder kind (CI builds both).
 """
 
 import argparse
+import ctypes
 import subprocess
 import sys
 import tempfile
@@ -21,46 +39,214 @@ sys.path.insert(0, str(ROOT / "tests"))
 import engine_converters  # noqa: E402
 
 PROMPTS = ["你好", "What is 12 + 30?", "北京今天天气怎么样？"]
+SYSTEM = "You are a helpful assistant. 回答要简短。"
+# (history, query): each prompt alone, then a second turn under a system prompt
+CONVERSATIONS = [([], query) for query in PROMPTS] + [
+    ([{"role": "system", "content": SYSTEM}, {"role": "user", "content": PROMPTS[0]},
+      {"role": "assistant", "metadata": "", "content": "你好！"}], PROMPTS[1])]
+ENGINES = ("llama.cpp", "chatglm.cpp")
 
 
-def main():
+class Ours:
+    """Our side of every comparison: the folder loaded through transformers with trust_remote_code."""
+
+    def __init__(self, folder, new_tokens):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+        self.model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True,
+                                                          dtype=torch.float32).eval()
+        self.new_tokens = new_tokens
+        self.stops = list(self.tokenizer.stop_token_ids)
+        self.vocabulary = len(self.tokenizer.get_vocab())  # ids from here to padded_vocab_size are padding rows
+
+    def greedy(self, ids):
+        """Up to new_tokens greedy tokens after `ids`, the stop token included when one came."""
+        with torch.no_grad():
+            out = self.model.generate(torch.tensor([ids]), max_new_tokens=self.new_tokens, do_sample=False,
+                                      eos_token_id=self.stops, pad_token_id=self.tokenizer.pad_token_id)
+        return out[0, len(ids):].tolist()
+
+    def reply(self, query, history):
+        """model.chat()'s reply text (greedy, new_tokens at most)."""
+        response, _ = self.model.chat(self.tokenizer, query, history=history, do_sample=False,
+                                      max_new_tokens=self.new_tokens)
+        return response
+
+    def conversations(self):
+        """(messages for the engines, query, history for model.chat) per chat case."""
+        for history, query in CONVERSATIONS:
+            yield [{k: m[k] for k in ("role", "content")} for m in history] + [
+                {"role": "user", "content": query}], query, history
+
+    def chat_ids(self, query, history):
+        return self.tokenizer.build_chat_input(query, history=history)["input_ids"][0].tolist()
+
+
+def report(results, name, ok, detail=""):
+    results.append(ok)
+    print(f"{'OK ' if ok else 'DIFF'} {name}{': ' + detail if detail else ''}", flush=True)
+
+
+def trim(tokens, stops):
+    """Tokens up to and including the first stop token."""
+    for i, token in enumerate(tokens):
+        if token in stops:
+            return tokens[:i + 1]
+    return tokens
+
+
+def check_llama_cpp(folder, ours, tmp, results):
+    from llama_cpp import Llama, llama_chat_format
+    from llama_cpp import llama_cpp as low_level
+
+    tokenizer = ours.tokenizer
+    gguf = Path(tmp) / "model.gguf"
+    # The converter's GPT-2 vocabulary path asks transformers' trust_remote_code question: answer it as a user.
+    subprocess.run([sys.executable, str(engine_converters.llama_cpp_converter()), str(folder), "--outfile",
+                    str(gguf), "--outtype", "f32"], check=True, input="y\n" * 4, text=True, capture_output=True)
+    llm = Llama(str(gguf), n_ctx=0, verbose=False, type_k=0, type_v=0)  # the trained context, f32 KV cache
+    sample = dict(temperature=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0, seed=0)
+
+    def engine_greedy(ids):
+        generated = []
+        llm.reset()
+        for token in llm.generate(ids, top_k=1, temp=0.0, repeat_penalty=1.0, reset=True):
+            generated.append(token)
+            if token in ours.stops or llm.token_eos() == token or len(generated) == ours.new_tokens:
+                break
+        return generated
+
+    prefix = "".join(tokenizer.convert_ids_to_tokens(tokenizer.get_prefix_tokens()))
+    for query in PROMPTS:
+        ids = tokenizer.encode(query)
+        theirs = llm.tokenize((prefix + query).encode(), add_bos=True, special=True)
+        report(results, f"llama.cpp plain {query!r} ids", theirs == ids)
+        report(results, f"llama.cpp plain {query!r} greedy", engine_greedy(theirs) == trim(ours.greedy(ids), ours.stops))
+
+    template = llm.metadata["tokenizer.chat_template"]
+    # with no chat_format given, llama-cpp-python formats chats with the GGUF's template (its Jinja2ChatFormatter)
+    report(results, "llama-cpp-python picks the GGUF's chat template", llm.chat_format == "chat_template.default",
+           f"chat_format {llm.chat_format!r}")
+    # The documented way to end a ChatGLM turn (docs/engines.md): the same Jinja formatter over the GGUF's template,
+    # told the ids that end a turn, looked up in the GGUF. llama.cpp itself ends generation at </s> only, and
+    # stop strings cannot match <|user|>: its detokenizer renders control tokens as "".
+    stop_ids = [llm.token_eos()] + [llm.tokenize(t.encode(), add_bos=False, special=True)[0]
+                                    for t in ("<|user|>", "<|observation|>")]
+    report(results, "llama.cpp stop ids", sorted(stop_ids) == sorted(ours.stops), f"{stop_ids} vs {ours.stops}")
+    stopping = llama_chat_format.Jinja2ChatFormatter(
+        template=template, eos_token=tokenizer.eos_token, bos_token=tokenizer.bos_token,
+        stop_token_ids=stop_ids).to_chat_handler()
+    for messages, query, history in ours.conversations():
+        ids = ours.chat_ids(query, history)
+        name = f"llama.cpp chat {len(messages)} messages, last {query!r}"
+        rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        theirs = llm.tokenize(rendered.encode(), add_bos=False, special=True)
+        report(results, f"{name}: our template's text, llama.cpp's ids", theirs == ids)
+
+        # llama.cpp's built-in formatter for this template (it recognises ChatGLM3 by "[gMASK]sop")
+        array = (low_level.llama_chat_message * len(messages))(*[
+            low_level.llama_chat_message(role=m["role"].encode(), content=m["content"].encode()) for m in messages])
+        buffer = ctypes.create_string_buffer(8192)
+        length = low_level.llama_chat_apply_template(template.encode(), array, len(messages), True, buffer, 8192)
+        builtin = buffer.raw[:length].decode() if length > 0 else f"<error {length}>"
+        theirs = llm.tokenize(builtin.encode(), add_bos=False, special=True)
+        report(results, f"{name}: llama_chat_apply_template ids", theirs == ids, "" if theirs == ids else
+               f"{builtin!r} vs {rendered!r}")
+
+        llm.chat_handler = None  # the default: the GGUF's template through llama-cpp-python's Jinja formatter
+        response = llm.create_chat_completion(messages=messages, max_tokens=1, **sample)
+        prompt = list(llm.input_ids[:response["usage"]["prompt_tokens"]])
+        report(results, f"{name}: create_chat_completion prompt ids", prompt == ids)
+
+        if not history and query == PROMPTS[1]:  # what the default handler does with a whole reply (shown, not compared)
+            default = llm.create_chat_completion(messages=messages, max_tokens=ours.new_tokens, **sample)
+            print(f"note: default handler: finish {default['choices'][0]['finish_reason']!r}, "
+                  f"{default['usage']['completion_tokens']} tokens, {default['choices'][0]['message']['content']!r}")
+        llm.chat_handler = stopping
+        response = llm.create_chat_completion(messages=messages, max_tokens=ours.new_tokens, **sample)
+        expected = trim(ours.greedy(ids), ours.stops)
+        stopped = bool(expected) and expected[-1] in ours.stops
+        finish = response["choices"][0]["finish_reason"]
+        # the tokens llama.cpp evaluated after the prompt: every generated token, except perhaps the last (the
+        # max_tokens-th, or an end-of-generation token, is sampled and never fed back)
+        tokens = [int(t) for t in llm.input_ids[response["usage"]["prompt_tokens"]:llm.n_tokens]]
+        report(results, f"{name}: create_chat_completion greedy", tokens == expected[:len(tokens)]
+               and len(tokens) >= len(expected) - 1 and finish == ("stop" if stopped else "length"), f"{tokens} + 1 vs {expected}, finish {finish}")
+        text = response["choices"][0]["message"]["content"]
+        reply = ours.reply(query, history)
+        # llama-cpp-python drops bytes that are not UTF-8 (errors="ignore"); ours show them as U+FFFD, as the
+        # original's SentencePiece decode does. Only untrained models emit such byte sequences.
+        report(results, f"{name}: create_chat_completion reply, stripped",
+               text.strip() == reply.replace("\ufffd", "").strip(),
+               f"{text.strip()!r} vs {reply!r}")
+    llm.close()
+
+
+def check_chatglm_cpp(folder, ours, tmp, results):
+    import chatglm_cpp
+
+    tokenizer = ours.tokenizer
+    model_bin = Path(tmp) / "model.bin"
+    subprocess.run([sys.executable, "-m", "chatglm_cpp.convert", "-i", str(folder), "-t", "f32", "-o",
+                    str(model_bin)], check=True, capture_output=True, text=True)
+    pipeline = chatglm_cpp.Pipeline(str(model_bin))
+    config = pipeline.model.config
+    report(results, "chatglm.cpp model type and stop ids", config.model_type_name == "ChatGLM3" and
+           sorted([config.eos_token_id, *config.extra_eos_token_ids]) == sorted(ours.stops),
+           f"{config.model_type_name}, {[config.eos_token_id, *config.extra_eos_token_ids]}")
+    for query in PROMPTS:
+        ids = tokenizer.encode(query)
+        report(results, f"chatglm.cpp plain {query!r} ids", pipeline.tokenizer.encode(query, 512) == ids)
+    for messages, query, history in ours.conversations():
+        ids = ours.chat_ids(query, history)
+        name = f"chatglm.cpp chat {len(messages)} messages, last {query!r}"
+        chat_messages = [chatglm_cpp.ChatMessage(role=m["role"], content=m["content"]) for m in messages]
+        report(results, f"{name}: apply_chat_template ids", pipeline.tokenizer.apply_chat_template(
+            chat_messages, 512) == ids)
+        expected = trim(ours.greedy(ids), ours.stops)
+        padding = [t for t in expected if t >= ours.vocabulary]
+        if padding:  # chatglm.cpp's decoder crashes (SIGSEGV) on them; only untrained weights produce them
+            print(f"SKIP {name}: greedy and reply: our greedy output has padding-row ids {padding} (the vocabulary "
+                  f"ends at {ours.vocabulary - 1}), which chatglm.cpp cannot decode", flush=True)
+            continue
+        chunks = list(pipeline.chat(chat_messages, max_new_tokens=ours.new_tokens, max_context_length=512,
+                                    do_sample=False, stream=True))
+        tokens = [t for chunk in chunks for t in chunk.token_ids]
+        report(results, f"{name}: greedy", tokens == expected, f"{tokens} vs {expected}")
+        text = pipeline.merge_streaming_messages(chunks).content
+        reply = ours.reply(query, history)
+        report(results, f"{name}: reply", text == reply, f"{text!r} vs {reply!r}")
+
+
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folder")
     parser.add_argument("--new_tokens", type=int, default=20)
-    args = parser.parse_args()
-    from llama_cpp import Llama
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(args.folder, trust_remote_code=True)
-    model = AutoModelForCausalLM.from_pretrained(args.folder, trust_remote_code=True, dtype=torch.float32).eval()
+    parser.add_argument("--engines", default=",".join(ENGINES),
+                        help=f"comma-separated, from {', '.join(ENGINES)} (default: both)")
+    args = parser.parse_args(argv)
+    engines = [e for e in args.engines.split(",") if e]
+    unknown = [e for e in engines if e not in ENGINES]
+    if unknown or not engines:
+        parser.error(f"--engines: unknown {unknown}; choose from {', '.join(ENGINES)}")
+    modules = {"llama.cpp": "llama_cpp", "chatglm.cpp": "chatglm_cpp"}
+    for engine in engines:
+        try:
+            __import__(modules[engine])
+        except ImportError as error:
+            sys.exit(f"--engines {engine}: cannot import {modules[engine]} ({error}); build it with "
+                     "bash scripts/install_engines.sh and run this through scripts/engines_check.sh")
+    ours = Ours(args.folder, args.new_tokens)
+    results = []
     with tempfile.TemporaryDirectory() as tmp:
-        gguf = Path(tmp) / "model.gguf"
-        subprocess.run([sys.executable, str(engine_converters.llama_cpp_converter()), args.folder, "--outfile",
-                        str(gguf), "--outtype", "f32"], check=True, input="y\n" * 4, text=True)
-        llm = Llama(str(gguf), n_ctx=512, logits_all=False, verbose=False, type_k=0, type_v=0)  # f32 KV cache
-        failures, prefix = 0, tokenizer.get_prefix_tokens()
-        for query in PROMPTS:
-            for kind, ours, text in (
-                ("plain", tokenizer.encode(query), "".join(tokenizer.convert_ids_to_tokens(prefix)) + query),
-                ("chat", tokenizer.build_chat_input(query)["input_ids"][0].tolist(),
-                 tokenizer.apply_chat_template([{"role": "user", "content": query}], tokenize=False,
-                                               add_generation_prompt=True)),
-            ):
-                theirs = llm.tokenize(text.encode(), add_bos=True, special=True)
-                with torch.no_grad():
-                    out = model.generate(torch.tensor([ours]), max_new_tokens=args.new_tokens, do_sample=False,
-                                         eos_token_id=tokenizer.stop_token_ids)[0, len(ours):].tolist()
-                llm.reset()
-                generated = []
-                for token in llm.generate(theirs, top_k=1, temp=0.0, reset=True):
-                    if token in tokenizer.stop_token_ids or len(generated) == args.new_tokens:
-                        break
-                    generated.append(token)
-                out = [t for t in out if t not in tokenizer.stop_token_ids][: len(generated) or None]
-                same = theirs == ours and generated == out
-                failures += not same
-                print(f"{'OK ' if same else 'DIFF'} {kind} {query!r}: ids {theirs == ours}, greedy {generated == out}")
-        sys.exit(1 if failures else 0)
+        if "llama.cpp" in engines:
+            check_llama_cpp(args.folder, ours, tmp, results)
+        if "chatglm.cpp" in engines:
+            check_chatglm_cpp(args.folder, ours, tmp, results)
+    failed = results.count(False)
+    print(f"{len(results) - failed} of {len(results)} equal", flush=True)
+    sys.exit(1 if failed else 0)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Every kind of folder we write converts with the stock converters of llama.cpp (convert_hf_to_gguf.py, pinned to
 llama-cpp-python 0.3.36's vendored copy) and chatglm.cpp (0.4.2's convert.py), fetched from PyPI into a cache
 (tests/engine_converters.py). The GGUF is read back with the `gguf` package and compared with our weights and with
-SentencePiece itself; chatglm.cpp's file is parsed by its documented layout. Running the engines is in
-scripts/engines_check.sh (it builds llama-cpp-python: too slow for CI)."""
+SentencePiece itself; chatglm.cpp's file is parsed by its documented layout. Running both engines on each folder
+kind is scripts/engines_check.py, over the builds of scripts/install_engines.sh (CI builds them once into a cache)."""
 
 import base64
 import json
@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, glm, tiny_config
+from conftest import ROOT, glm, tiny_config, train_to_replay
 from safetensors.torch import load_file
 
 import engine_converters
@@ -346,20 +346,88 @@ def test_train_warns_when_engines_would_compute_another_head_size():
         train.build_model(args, tiny_config(kv_channels=8), tokenizer)  # 64 / 8: no warning
 
 
-ENGINES = Path(os.environ.get("GLM_ENGINES_CACHE", Path.home() / ".cache" / "glm-hf-engines")) / \
-    "llama-cpp-python-0.3.36"
+ENGINE_CACHE = Path(os.environ.get("GLM_ENGINES_CACHE", Path.home() / ".cache" / "glm-hf-engines"))
+ENGINES = {"llama.cpp": ENGINE_CACHE / "llama-cpp-python-0.3.36", "chatglm.cpp": ENGINE_CACHE / "chatglm-cpp-0.4.2"}
 
 
-@pytest.mark.parametrize("kind", ["thudm_folder", "finetune_folder", "scratch_folder"])
-def test_llama_cpp_runs_each_folder_kind_like_our_model(kind, request, llama_cpp):
-    """llama.cpp itself (llama-cpp-python, built by scripts/install_engines.sh; CI builds it once): the converted
-    folder's prompt ids (plain and chat) and 20 greedy tokens equal ours (scripts/engines_check.py)."""
-    if not (ENGINES / ".complete").exists():
-        pytest.skip(f"llama-cpp-python is not built in {ENGINES}: bash scripts/install_engines.sh (about 7 minutes)")
+def engines_check():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import engines_check
+
+    return engines_check
+
+
+@pytest.fixture(scope="module")
+def replay_folder(tmp_path_factory):
+    """A from-scratch ChatGLM3-format folder (SentencePiece tokenizer.model) whose model was trained until greedy
+    decoding gives a real reply to each of engines_check's conversations and then ends the turn with <|user|>:
+    the stop handling and reply stripping of each engine are then exercised, which random weights never reach."""
+    import argparse
+
+    import train
+
+    check = engines_check()
+    replies = {check.PROMPTS[0]: "你好！有什么可以帮你？", check.PROMPTS[1]: "12 + 30 = 42。",
+               check.PROMPTS[2]: "我查不到实时天气。"}
+    # each ends with a user turn, so the model learns to end its reply with <|user|> (as ChatGLM3 does; a finished
+    # conversation would teach </s>, which llama.cpp knows as end of generation anyway)
+    conversations = [history + [{"role": "user", "content": query}, {"role": "assistant", "content": replies[query]},
+                                {"role": "user", "content": "谢谢"}] for history, query in check.CONVERSATIONS]
+    corpus = [m["content"] for c in conversations for m in c] + [check.SYSTEM]
+    tokenizer = tg.train_glm_tokenizer(corpus * 20, vocab_size=400)
+    model = train_to_replay(conversations, tokenizer, tiny_config(padded_vocab_size=416), 300, 0.01)
+    folder = tmp_path_factory.mktemp("replay") / "out"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    train.write_engine_config(folder / "config.json", argparse.Namespace(model_name_or_path=None), tokenizer)
+    loaded = glm.ChatGLMForConditionalGeneration.from_pretrained(folder).eval()
+    for history, query in check.CONVERSATIONS:  # the premise: real replies, ended by the model itself
+        ids = tokenizer.build_chat_input(query, history=history)["input_ids"]
+        out = loaded.generate(ids, max_new_tokens=30, do_sample=False, eos_token_id=tokenizer.stop_token_ids)
+        assert out[0, -1].item() == tokenizer.convert_tokens_to_ids("<|user|>"), query
+        assert loaded.chat(tokenizer, query, history=history, do_sample=False)[0] == replies[query]
+    return folder
+
+
+@pytest.mark.parametrize("kind", ["thudm_folder", "finetune_folder", "scratch_folder", "replay_folder"])
+def test_engines_run_each_folder_kind_like_our_model(kind, request, llama_cpp):
+    """llama.cpp (llama-cpp-python 0.3.36) and chatglm.cpp (chatglm-cpp 0.4.2) themselves, built by
+    scripts/install_engines.sh: each converted folder's prompt ids (plain and chat, through our template,
+    llama.cpp's built-in formatter, create_chat_completion, chatglm.cpp's apply_chat_template), greedy tokens and
+    chat replies equal ours (scripts/engines_check.py prints one OK line per comparison)."""
+    missing = [name for name, path in ENGINES.items() if not (path / ".complete").exists()]
+    if missing:
+        pytest.skip(f"{', '.join(missing)} not built in {ENGINE_CACHE}: bash scripts/install_engines.sh "
+                    "(about 7 + 4.5 minutes once)")
     folder = request.getfixturevalue(kind)
-    env = {**os.environ, "PYTHONPATH": str(ENGINES), "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(map(str, ENGINES.values())), "HF_HUB_OFFLINE": "1"}
     result = subprocess.run([sys.executable, str(ROOT / "scripts" / "engines_check.py"), str(folder)], env=env,
                             capture_output=True, text=True, timeout=600)
-    lines = [line for line in result.stdout.splitlines() if line.startswith(("OK", "DIFF"))]
-    assert result.returncode == 0 and len(lines) == 6 and all(line.startswith("OK ") for line in lines), \
-        result.stdout[-2000:] + result.stderr[-2000:]
+    lines = [line for line in result.stdout.splitlines() if line.startswith(("OK", "DIFF", "SKIP"))]
+    # llama.cpp: 3 plain prompts x 2, template, stop ids, 4 chats x 5; chatglm.cpp: config, 3 plain, 4 chats x 3
+    # (a SKIP line stands for a chat's greedy and reply comparisons)
+    assert result.returncode == 0 and len(lines) + sum(line.startswith("SKIP") for line in lines) == 44, result.stdout[-3000:] + result.stderr[-2000:]
+    assert all(line.startswith("OK ") or line.startswith("SKIP chatglm.cpp") and kind != "replay_folder"
+               for line in lines), result.stdout[-3000:]
+    if kind == "replay_folder":  # the replies are the trained ones, ended by the stop handling
+        assert "create_chat_completion reply, stripped: '12 + 30 = 42。'" in result.stdout
+        assert "note: default handler: finish 'length'" in result.stdout  # llama.cpp alone runs past <|user|>
+        assert "chatglm.cpp chat 4 messages, last 'What is 12 + 30?': reply: '12 + 30 = 42。'" in result.stdout
+
+
+def test_docs_llama_cpp_python_chat_snippet(replay_folder, llama_cpp, tmp_path):
+    """docs/engines.md's create_chat_completion snippet, run as printed on a GGUF of the replay folder: the reply is
+    the trained one, ended at <|user|> by the stop ids it gives the handler."""
+    import re
+
+    if not (ENGINES["llama.cpp"] / ".complete").exists():
+        pytest.skip(f"llama-cpp-python not built in {ENGINE_CACHE}: bash scripts/install_engines.sh")
+    (snippet,) = [block for block in re.findall(r"```python\n(.*?)```", (ROOT / "docs" / "engines.md").read_text(),
+                                                re.S) if "create_chat_completion" in block]
+    snippet = "\n".join(line.removeprefix("  ") for line in snippet.splitlines())  # it sits in a list item
+    code, log = to_gguf(llama_cpp, replay_folder, tmp_path / "glm.gguf")
+    assert code == 0, log[-2000:]
+    result = subprocess.run([sys.executable, "-c", snippet + "\nprint(repr(reply))"], cwd=tmp_path, text=True,
+                            capture_output=True, timeout=300, env={**ENV, "PYTHONPATH": str(ENGINES["llama.cpp"])})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.splitlines()[-1] == repr("你好！有什么可以帮你？")
