@@ -20,8 +20,8 @@ cached in ~/.cache/glm-hf-engines). scripts/engines_check.sh installs them and r
     bash scripts/engines_check.sh output/glm-skills --engines llama.cpp
 
 Prints one OK/DIFF line per comparison (SKIP, with the reason, for a chatglm.cpp chat whose reply would contain
-padding-row ids: an untrained model's output, which crashes chatglm.cpp's decoder) and exits non-zero when any
-differs. An engine that was asked for and
+padding-row ids or bytes that are not UTF-8: an untrained model's output, which chatglm.cpp cannot decode) and exits
+non-zero when any differs. An engine that was asked for and
 cannot be imported is an error, not a skip. tests/test_engines.py runs it on each folder kind (CI builds both).
 """
 
@@ -192,7 +192,8 @@ def check_chatglm_cpp(folder, ours, tmp, results):
                     str(model_bin)], check=True, capture_output=True, text=True)
     pipeline = chatglm_cpp.Pipeline(str(model_bin))
     config = pipeline.model.config
-    report(results, "chatglm.cpp model type and stop ids", config.model_type_name == "ChatGLM3" and
+    family = "ChatGLM4" if tokenizer.is_glm4 else "ChatGLM3"
+    report(results, "chatglm.cpp model type and stop ids", config.model_type_name == family and
            sorted([config.eos_token_id, *config.extra_eos_token_ids]) == sorted(ours.stops),
            f"{config.model_type_name}, {[config.eos_token_id, *config.extra_eos_token_ids]}")
     for query in PROMPTS:
@@ -205,10 +206,14 @@ def check_chatglm_cpp(folder, ours, tmp, results):
         report(results, f"{name}: apply_chat_template ids", pipeline.tokenizer.apply_chat_template(
             chat_messages, 512) == ids)
         expected = trim(ours.greedy(ids), ours.stops)
+        # Two outputs chatglm.cpp cannot decode, which only untrained weights produce: padding-row ids (its decoder
+        # crashes, SIGSEGV) and bytes that are not UTF-8 (Pipeline.chat raises UnicodeDecodeError)
         padding = [t for t in expected if t >= ours.vocabulary]
-        if padding:  # chatglm.cpp's decoder crashes (SIGSEGV) on them; only untrained weights produce them
-            print(f"SKIP {name}: greedy and reply: our greedy output has padding-row ids {padding} (the vocabulary "
-                  f"ends at {ours.vocabulary - 1}), which chatglm.cpp cannot decode", flush=True)
+        if padding or "\ufffd" in tokenizer.decode(expected):
+            why = (f"padding-row ids {padding} (the vocabulary ends at {ours.vocabulary - 1})" if padding else
+                   "bytes that are not UTF-8")
+            print(f"SKIP {name}: greedy and reply: our greedy output has {why}, which chatglm.cpp cannot decode",
+                  flush=True)
             continue
         chunks = list(pipeline.chat(chat_messages, max_new_tokens=ours.new_tokens, max_context_length=512,
                                     do_sample=False, stream=True))

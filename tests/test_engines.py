@@ -212,16 +212,16 @@ def test_llama_cpp_converts_each_chatglm3_folder_kind(kind, request, llama_cpp, 
     check_gguf(tmp_path / "model.gguf", folder, tg.ChatGLMTokenizer.from_pretrained(folder))
 
 
-def test_glm4_folder_is_refused_by_the_pre_tokenizer_hash_and_otherwise_converts(llama_cpp, tmp_path):
-    """llama.cpp recognises GLM-4's byte-level vocabulary by the sha256 of the ids of a fixed text; only the real
-    151,329-rank file gives a known hash ("chatglm-bpe"). A small ranks file (we do not have the real one) must be
-    refused with that reason, after the config and tokenizer were read through our code; past the hash, the GGUF
-    has our byte-level vocabulary, GLM-4's stop tokens, no BOS and every weight."""
+@pytest.fixture(scope="module")
+def glm4_folder(tmp_path_factory):
+    """A GLM-4-style folder: a small byte-level ranks file in tiktoken's format (we do not have the real 151,329-rank
+    one), GLM-4's special tokens and config values, written by train.py's engine-config step. Returns (folder,
+    ranks)."""
     from test_tokenization import train_ranks
 
     from benchmarks.bench_tokenizer import mixed_text
 
-    folder = tmp_path / "glm4"
+    folder = tmp_path_factory.mktemp("glm4") / "glm4"
     folder.mkdir()
     ranks = train_ranks([mixed_text(300, seed=i) for i in range(100)], vocab_size=600)
     (folder / "tokenizer.model").write_text("".join(f"{base64.b64encode(t).decode()} {r}\n" for t, r in ranks.items()))
@@ -240,6 +240,15 @@ def test_glm4_folder_is_refused_by_the_pre_tokenizer_hash_and_otherwise_converts
 
     assert isinstance(tokenizer.tokenizer, tiktoken.Encoding)  # what chatglm.cpp checks
     assert tokenizer.tokenizer.encode("hello 世界") == tokenizer.encode("hello 世界", add_special_tokens=False)
+    return folder, ranks
+
+
+def test_glm4_folder_is_refused_by_the_pre_tokenizer_hash_and_otherwise_converts(glm4_folder, llama_cpp, tmp_path):
+    """llama.cpp recognises GLM-4's byte-level vocabulary by the sha256 of the ids of a fixed text; only the real
+    151,329-rank file gives a known hash ("chatglm-bpe"). A small ranks file (we do not have the real one) must be
+    refused with that reason, after the config and tokenizer were read through our code; past the hash, the GGUF
+    has our byte-level vocabulary, GLM-4's stop tokens, no BOS and every weight."""
+    folder, ranks = glm4_folder
     code, log = to_gguf(llama_cpp, folder, tmp_path / "glm4.gguf")
     assert code != 0 and "trust_remote_code=True" in log  # nobody answered transformers' prompt
     code, log = to_gguf(llama_cpp, folder, tmp_path / "glm4.gguf", answer="y\n" * 4)
@@ -357,36 +366,81 @@ def engines_check():
     return engines_check
 
 
-@pytest.fixture(scope="module")
-def replay_folder(tmp_path_factory):
-    """A from-scratch ChatGLM3-format folder (SentencePiece tokenizer.model) whose model was trained until greedy
-    decoding gives a real reply to each of engines_check's conversations and then ends the turn with <|user|>:
-    the stop handling and reply stripping of each engine are then exercised, which random weights never reach."""
+REPLIES = ("你好！有什么可以帮你？", "12 + 30 = 42。", "我查不到实时天气。")  # to engines_check.PROMPTS
+
+
+def replay_conversations():
+    check = engines_check()
+    replies = dict(zip(check.PROMPTS, REPLIES))
+    # each ends with a user turn, so the model learns to end its reply with <|user|> (as ChatGLM3 does; a finished
+    # conversation would teach </s>, which llama.cpp knows as end of generation anyway)
+    return [history + [{"role": "user", "content": query}, {"role": "assistant", "content": replies[query]},
+                       {"role": "user", "content": "谢谢"}] for history, query in check.CONVERSATIONS], check.SYSTEM
+
+
+def save_replay_folder(folder, tokenizer, padded_vocab_size):
+    """Train a tiny model on replay_conversations() until greedy decoding gives each reply and then ends the turn
+    with <|user|>, and save it with `tokenizer` as train.py writes a folder."""
     import argparse
 
     import train
 
-    check = engines_check()
-    replies = {check.PROMPTS[0]: "你好！有什么可以帮你？", check.PROMPTS[1]: "12 + 30 = 42。",
-               check.PROMPTS[2]: "我查不到实时天气。"}
-    # each ends with a user turn, so the model learns to end its reply with <|user|> (as ChatGLM3 does; a finished
-    # conversation would teach </s>, which llama.cpp knows as end of generation anyway)
-    conversations = [history + [{"role": "user", "content": query}, {"role": "assistant", "content": replies[query]},
-                                {"role": "user", "content": "谢谢"}] for history, query in check.CONVERSATIONS]
-    corpus = [m["content"] for c in conversations for m in c] + [check.SYSTEM]
-    tokenizer = tg.train_glm_tokenizer(corpus * 20, vocab_size=400)
-    model = train_to_replay(conversations, tokenizer, tiny_config(padded_vocab_size=416), 300, 0.01)
-    folder = tmp_path_factory.mktemp("replay") / "out"
+    conversations, _ = replay_conversations()
+    model = train_to_replay(conversations, tokenizer, tiny_config(padded_vocab_size=padded_vocab_size,
+                                                                  eos_token_id=tokenizer.stop_token_ids), 300, 0.01)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     train.write_engine_config(folder / "config.json", argparse.Namespace(model_name_or_path=None), tokenizer)
     loaded = glm.ChatGLMForConditionalGeneration.from_pretrained(folder).eval()
-    for history, query in check.CONVERSATIONS:  # the premise: real replies, ended by the model itself
-        ids = tokenizer.build_chat_input(query, history=history)["input_ids"]
+    for conversation in conversations:  # the premise: real replies, ended by the model itself
+        *history, query, reply, _ = conversation
+        ids = tokenizer.build_chat_input(query["content"], history=history)["input_ids"]
         out = loaded.generate(ids, max_new_tokens=30, do_sample=False, eos_token_id=tokenizer.stop_token_ids)
         assert out[0, -1].item() == tokenizer.convert_tokens_to_ids("<|user|>"), query
-        assert loaded.chat(tokenizer, query, history=history, do_sample=False)[0] == replies[query]
+        assert loaded.chat(tokenizer, query["content"], history=history, do_sample=False)[0] == reply["content"]
     return folder
+
+
+@pytest.fixture(scope="module")
+def replay_folder(tmp_path_factory):
+    """A from-scratch ChatGLM3-format folder (SentencePiece tokenizer.model) whose model gives real replies to
+    engines_check's conversations and ends them with <|user|>: the stop handling and reply stripping of each engine
+    are then exercised, which random weights never reach."""
+    conversations, system = replay_conversations()
+    corpus = [m["content"] for c in conversations for m in c] + [system]
+    tokenizer = tg.train_glm_tokenizer(corpus * 20, vocab_size=400)
+    return save_replay_folder(tmp_path_factory.mktemp("replay") / "out", tokenizer, 416)
+
+
+@pytest.fixture(scope="module")
+def glm4_replay_folder(tmp_path_factory):
+    """The same replies from a GLM-4-style folder: a byte-level ranks file trained on them (tiktoken's format)."""
+    from test_tokenization import train_ranks
+
+    conversations, system = replay_conversations()
+    ranks = train_ranks([m["content"] for c in conversations for m in c] + [system], vocab_size=400)
+    folder = tmp_path_factory.mktemp("glm4_replay") / "out"
+    folder.mkdir()
+    (folder / "tokenizer.model").write_text("".join(f"{base64.b64encode(t).decode()} {r}\n" for t, r in ranks.items()))
+    tokenizer = tg.ChatGLMTokenizer(vocab_file=str(folder / "tokenizer.model"))
+    assert tokenizer.is_glm4
+    return save_replay_folder(folder, tokenizer, (len(tokenizer.get_vocab()) + 63) // 64 * 64)
+
+
+def run_engines_check(folder, *args):
+    """scripts/engines_check.py on `folder` with both engine builds on the path: (returncode, stdout, lines)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(map(str, ENGINES.values())), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "engines_check.py"), str(folder), *args],
+                            env=env, capture_output=True, text=True, timeout=600)
+    lines = [line for line in result.stdout.splitlines() if line.startswith(("OK", "DIFF", "SKIP"))]
+    return result.returncode, result.stdout + result.stderr[-2000:], lines
+
+
+def need_engines():
+    missing = [name for name, path in ENGINES.items() if not (path / ".complete").exists()]
+    if missing:
+        pytest.skip(f"{', '.join(missing)} not built in {ENGINE_CACHE}: bash scripts/install_engines.sh "
+                    "(about 7 + 4.5 minutes once)")
 
 
 @pytest.mark.parametrize("kind", ["thudm_folder", "finetune_folder", "scratch_folder", "replay_folder"])
@@ -395,24 +449,31 @@ def test_engines_run_each_folder_kind_like_our_model(kind, request, llama_cpp):
     scripts/install_engines.sh: each converted folder's prompt ids (plain and chat, through our template,
     llama.cpp's built-in formatter, create_chat_completion, chatglm.cpp's apply_chat_template), greedy tokens and
     chat replies equal ours (scripts/engines_check.py prints one OK line per comparison)."""
-    missing = [name for name, path in ENGINES.items() if not (path / ".complete").exists()]
-    if missing:
-        pytest.skip(f"{', '.join(missing)} not built in {ENGINE_CACHE}: bash scripts/install_engines.sh "
-                    "(about 7 + 4.5 minutes once)")
-    folder = request.getfixturevalue(kind)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(map(str, ENGINES.values())), "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "engines_check.py"), str(folder)], env=env,
-                            capture_output=True, text=True, timeout=600)
-    lines = [line for line in result.stdout.splitlines() if line.startswith(("OK", "DIFF", "SKIP"))]
+    need_engines()
+    code, out, lines = run_engines_check(request.getfixturevalue(kind))
     # llama.cpp: 3 plain prompts x 2, template, stop ids, 4 chats x 5; chatglm.cpp: config, 3 plain, 4 chats x 3
     # (a SKIP line stands for a chat's greedy and reply comparisons)
-    assert result.returncode == 0 and len(lines) + sum(line.startswith("SKIP") for line in lines) == 44, result.stdout[-3000:] + result.stderr[-2000:]
+    assert code == 0 and len(lines) + sum(line.startswith("SKIP") for line in lines) == 44, out[-5000:]
     assert all(line.startswith("OK ") or line.startswith("SKIP chatglm.cpp") and kind != "replay_folder"
-               for line in lines), result.stdout[-3000:]
+               for line in lines), out[-5000:]
     if kind == "replay_folder":  # the replies are the trained ones, ended by the stop handling
-        assert "create_chat_completion reply, stripped: '12 + 30 = 42。'" in result.stdout
-        assert "note: default handler: finish 'length'" in result.stdout  # llama.cpp alone runs past <|user|>
-        assert "chatglm.cpp chat 4 messages, last 'What is 12 + 30?': reply: '12 + 30 = 42。'" in result.stdout
+        assert "create_chat_completion reply, stripped: '12 + 30 = 42。'" in out
+        assert "note: default handler: finish 'length'" in out  # llama.cpp alone runs past <|user|>
+        assert "chatglm.cpp chat 4 messages, last 'What is 12 + 30?': reply: '12 + 30 = 42。'" in out
+
+
+def test_chatglm_cpp_runs_glm4_folders_like_our_model(glm4_folder, glm4_replay_folder):
+    """chatglm.cpp takes GLM-4 folders (its own tiktoken-style BPE over the ranks file; no hash check): model type
+    ChatGLM4, plain and chat prompt ids equal ours on a random-weight folder, and greedy tokens and replies too on
+    one trained to reply (llama.cpp refuses a vocabulary that is not the real GLM-4 one, see above)."""
+    need_engines()
+    for folder, replies in ((glm4_folder[0], False), (glm4_replay_folder, True)):
+        code, out, lines = run_engines_check(folder, "--engines", "chatglm.cpp")
+        assert code == 0 and len(lines) + sum(line.startswith("SKIP") for line in lines) == 16, out[-5000:]
+        assert "OK  chatglm.cpp model type and stop ids: ChatGLM4" in out
+        assert all(line.startswith("OK ") or line.startswith("SKIP") and not replies for line in lines), out[-5000:]
+        if replies:
+            assert "chatglm.cpp chat 1 messages, last '你好': reply: '你好！有什么可以帮你？'" in out
 
 
 def test_docs_llama_cpp_python_chat_snippet(replay_folder, llama_cpp, tmp_path):
@@ -420,8 +481,7 @@ def test_docs_llama_cpp_python_chat_snippet(replay_folder, llama_cpp, tmp_path):
     the trained one, ended at <|user|> by the stop ids it gives the handler."""
     import re
 
-    if not (ENGINES["llama.cpp"] / ".complete").exists():
-        pytest.skip(f"llama-cpp-python not built in {ENGINE_CACHE}: bash scripts/install_engines.sh")
+    need_engines()
     (snippet,) = [block for block in re.findall(r"```python\n(.*?)```", (ROOT / "docs" / "engines.md").read_text(),
                                                 re.S) if "create_chat_completion" in block]
     snippet = "\n".join(line.removeprefix("  ") for line in snippet.splitlines())  # it sits in a list item
