@@ -317,7 +317,10 @@ def compiled_rows(models, vocab, args, device, weight_bytes, generator):
     """Static cache + fullgraph compile for both models, and native's default eager generate()."""
     from transformers import CompileConfig
 
-    compile_config = CompileConfig(fullgraph=True, mode="default" if device.type == "cpu" else "reduce-overhead")
+    if args.compile_options:  # torch.compile takes a mode or options, not both
+        compile_config = CompileConfig(fullgraph=True, mode=None, options=json.loads(args.compile_options))
+    else:
+        compile_config = CompileConfig(fullgraph=True, mode="default" if device.type == "cpu" else "reduce-overhead")
     compile_config._compile_all_devices = True  # generate() compiles only on GPUs unless told to (CPU runs)
     new = args.compiled_new_tokens
     rows = []
@@ -428,6 +431,8 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per model (default 5, --quick 3)")
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--compiled-new-tokens", type=int, default=64, help="new tokens of the compiled rows")
+    parser.add_argument("--compile-options", default=None, help="inductor options for the compiled rows, as JSON "
+                        "(e.g. '{\"cpp_wrapper\": true}'), instead of mode default (CPU) / reduce-overhead (CUDA)")
     parser.add_argument("--packing-conversations", type=int, default=128, help="built-in conversations of the "
                         "packing rows (padded: 32 per step)")
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
