@@ -103,8 +103,13 @@ def check_llama_cpp(folder, ours, tmp, results):
     tokenizer = ours.tokenizer
     gguf = Path(tmp) / "model.gguf"
     # The converter's GPT-2 vocabulary path asks transformers' trust_remote_code question: answer it as a user.
-    subprocess.run([sys.executable, str(engine_converters.llama_cpp_converter()), str(folder), "--outfile",
-                    str(gguf), "--outtype", "f32"], check=True, input="y\n" * 4, text=True, capture_output=True)
+    converted = subprocess.run([sys.executable, str(engine_converters.llama_cpp_converter()), str(folder),
+                                "--outfile", str(gguf), "--outtype", "f32"], input="y\n" * 4, text=True,
+                               capture_output=True)
+    if converted.returncode != 0:  # e.g. a byte-level vocabulary llama.cpp has no pre-tokenizer hash for
+        reason = [line for line in (converted.stdout + converted.stderr).splitlines() if line.strip()][-1:]
+        report(results, "llama.cpp converts the folder", False, f"convert_hf_to_gguf.py refused it: {' '.join(reason)}")
+        return
     llm = Llama(str(gguf), n_ctx=0, verbose=False, type_k=0, type_v=0)  # the trained context, f32 KV cache
     sample = dict(temperature=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0, seed=0)
 

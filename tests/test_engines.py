@@ -474,6 +474,11 @@ def test_chatglm_cpp_runs_glm4_folders_like_our_model(glm4_folder, glm4_replay_f
         assert all(line.startswith("OK ") or line.startswith("SKIP") and not replies for line in lines), out[-5000:]
         if replies:
             assert "chatglm.cpp chat 1 messages, last '你好': reply: '你好！有什么可以帮你？'" in out
+    code, out, lines = run_engines_check(glm4_replay_folder)  # both engines: llama.cpp's refusal, said as such
+    assert code == 1 and lines[0] == ("DIFF llama.cpp converts the folder: convert_hf_to_gguf.py refused it: "
+                                      "NotImplementedError: BPE pre-tokenizer was not recognized - update "
+                                      "get_vocab_base_pre()"), out[-3000:]
+    assert sum(line.startswith("OK  chatglm.cpp") for line in lines) == 16, out[-3000:]
 
 
 def test_docs_llama_cpp_python_chat_snippet(replay_folder, llama_cpp, tmp_path):
