@@ -21,8 +21,14 @@ CACHE = Path(os.environ.get("GLM_CONVERTERS_CACHE", Path.home() / ".cache" / "gl
 # What to keep from each sdist (paths inside its top folder) and how pip prepares its metadata without a build:
 # llama-cpp-python's backend (scikit-build-core) comes as a wheel into pip's isolated environment; chatglm-cpp's
 # setuptools metadata runs in this environment (an isolated one would fetch cmake).
+# "llama-cpp-python-jinja" is the same sdist's Jinja engine (what llama-server renders chat templates with), for
+# scripts/llama_jinja_render.cpp.
 _MEMBERS = {"llama-cpp-python": ("vendor/llama.cpp/convert_hf_to_gguf.py", "vendor/llama.cpp/conversion/",
                                  "vendor/llama.cpp/gguf-py/"),
+            "llama-cpp-python-jinja": ("vendor/llama.cpp/common/jinja/", "vendor/llama.cpp/common/json.cpp",
+                                       "vendor/llama.cpp/common/json.h", "vendor/llama.cpp/common/unicode.cpp",
+                                       "vendor/llama.cpp/common/unicode.h", "vendor/llama.cpp/vendor/nlohmann/",
+                                       "vendor/llama.cpp/ggml/include/", "vendor/llama.cpp/LICENSE"),
             "chatglm-cpp": ("chatglm_cpp/convert.py",)}
 _ISOLATED = {"llama-cpp-python": True, "chatglm-cpp": False}
 
@@ -31,9 +37,10 @@ class Unavailable(RuntimeError):
     """The registry could not be reached or gave no source distribution."""
 
 
-def fetch(package, version):
-    """The cached folder holding `package`'s converter files, fetched on first use."""
-    folder = CACHE / f"{package}-{version}"
+def fetch(package, version, part=""):
+    """The cached folder holding `package`'s converter files (or another `part` of its sdist, a key of _MEMBERS
+    after the package name), fetched on first use."""
+    folder = CACHE / f"{package}{part}-{version}"
     if (folder / ".complete").exists():
         return folder
     with tempfile.TemporaryDirectory() as download:
@@ -47,7 +54,7 @@ def fetch(package, version):
             raise Unavailable(f"pip download {package}=={version} failed: {(result.stderr or result.stdout)[-800:]}")
         with tarfile.open(archives[0]) as archive:
             top = archive.getmembers()[0].name.split("/")[0]
-            prefixes = [f"{top}/{member}" for member in _MEMBERS[package]]
+            prefixes = [f"{top}/{member}" for member in _MEMBERS[package + part]]
             members = [m for m in archive.getmembers() if m.isfile() and any(
                 m.name == p or (p.endswith("/") and m.name.startswith(p)) for p in prefixes)]
             for member in members:
@@ -63,11 +70,20 @@ def llama_cpp_converter():
     return fetch(*LLAMA_CPP) / "convert_hf_to_gguf.py"
 
 
+def llama_cpp_jinja_sources():
+    """The folder holding llama.cpp's Jinja engine sources (common/jinja, common/json, common/unicode, nlohmann,
+    ggml's headers) from the same llama-cpp-python sdist."""
+    return fetch(*LLAMA_CPP, part="-jinja")
+
+
 def chatglm_cpp_converter():
     """Path of chatglm.cpp's chatglm_cpp/convert.py."""
     return fetch(*CHATGLM_CPP) / "chatglm_cpp" / "convert.py"
 
 
 if __name__ == "__main__":
-    print(llama_cpp_converter())
-    print(chatglm_cpp_converter())
+    if sys.argv[1:] == ["--jinja-sources"]:  # scripts/install_engines.sh
+        print(llama_cpp_jinja_sources())
+    else:
+        print(llama_cpp_converter())
+        print(chatglm_cpp_converter())

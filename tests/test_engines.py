@@ -496,3 +496,62 @@ def test_docs_llama_cpp_python_chat_snippet(replay_folder, llama_cpp, tmp_path):
                             capture_output=True, timeout=300, env={**ENV, "PYTHONPATH": str(ENGINES["llama.cpp"])})
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.splitlines()[-1] == repr("你好！有什么可以帮你？")
+
+
+RENDERER = ENGINE_CACHE / "llama-jinja-render-0.3.36"
+OPENAI_TOOLS = [{"type": "function", "function": tool} for tool in (
+    {"name": "get_weather", "description": "查询天气",
+     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}},)]
+
+
+def openai_requests(glm4, n, seed=0):
+    """Random chats as an OpenAI client sends them to llama-server: standard fields only (tools in `tools`, calls in
+    `tool_calls` with JSON-string or object arguments, results as role `tool`), ending with a user, assistant or
+    tool turn."""
+    import random
+
+    from test_chat_format import random_conversation
+
+    rng, requests = random.Random(seed), []
+    while len(requests) < n:
+        end = ["user", "assistant", "tool"][len(requests) % 3]
+        messages, tools, _ = random_conversation(rng, glm4, end=end, forms=("openai", "openai-json-string"))
+        if any("metadata" in m or "tools" in m for m in messages):
+            continue  # our own extensions, which the server's message structs do not carry
+        requests.append((messages, OPENAI_TOOLS if tools else None))
+    return requests
+
+
+@pytest.mark.parametrize("family", ["glm3", "glm4"])
+def test_llama_cpp_jinja_engine_renders_our_template_like_transformers(family, request, tmp_path):
+    """llama-server renders chat templates with llama.cpp's own Jinja engine (common/jinja), after probing the
+    template's capabilities and adjusting the messages for them (common/chat.cpp). scripts/llama_jinja_render.cpp
+    does the same with that engine, built from llama-cpp-python 0.3.36's sources: for 60 random OpenAI-style
+    requests, the text equals transformers' rendering of our template, and the probe finds tools, tool calls,
+    object arguments and a system role."""
+    if not (RENDERER / ".complete").exists():
+        pytest.skip(f"llama.cpp's Jinja renderer is not built in {RENDERER}: bash scripts/install_engines.sh")
+    from conftest import reference_file
+
+    vocab = (reference_file("chatglm3-6b", "tokenizer.model") if family == "glm3"  # the real ChatGLM3 model
+             else request.getfixturevalue("glm4_folder")[0] / "tokenizer.model")
+    tokenizer = tg.ChatGLMTokenizer(vocab_file=str(vocab))
+    (tmp_path / "template.jinja").write_text(tokenizer.chat_template)
+    for i, (messages, tools) in enumerate(openai_requests(tokenizer.is_glm4, 60)):
+        prompt = messages[-1]["role"] != "assistant"
+        ours = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=prompt, tokenize=False)
+        context = {"messages": messages, "bos_token": tokenizer.bos_token, "eos_token": tokenizer.eos_token}
+        if tools:
+            context["tools"] = tools
+        if prompt:
+            context["add_generation_prompt"] = True
+        (tmp_path / "context.json").write_text(json.dumps(context, ensure_ascii=False))
+        result = subprocess.run([str(RENDERER / "llama_jinja_render"), str(tmp_path / "template.jinja"),
+                                 str(tmp_path / "context.json")], capture_output=True, timeout=60)
+        assert result.returncode == 0, result.stderr.decode()[-2000:]
+        assert result.stdout.decode() == ours, (i, messages)
+    caps = json.loads(result.stderr.decode().splitlines()[0])
+    assert {key: caps[key] for key in ("supports_tools", "supports_tool_calls", "supports_object_arguments",
+                                       "supports_system_role", "supports_string_content")} == dict.fromkeys(
+        ("supports_tools", "supports_tool_calls", "supports_object_arguments", "supports_system_role",
+         "supports_string_content"), True), caps
