@@ -19,10 +19,10 @@ cached in ~/.cache/glm-hf-engines). scripts/engines_check.sh installs them and r
     bash scripts/engines_check.sh output/glm-skills                 # both engines
     bash scripts/engines_check.sh output/glm-skills --engines llama.cpp
 
-Prints one OK/DIFF line per comparison (SKIP, with the reason, for a chatglm.cpp chat whose reply would contain
-padding-row ids or bytes that are not UTF-8: an untrained model's output, which chatglm.cpp cannot decode) and exits
-non-zero when any differs. An engine that was asked for and
-cannot be imported is an error, not a skip. tests/test_engines.py runs it on each folder kind (CI builds both).
+Prints one OK/DIFF line per comparison and exits non-zero when any differs. SKIP, with the reason, stands for a
+chatglm.cpp chat whose reply would contain padding-row ids or bytes that are not UTF-8: an untrained model's output,
+which chatglm.cpp cannot decode. An engine that was asked for and cannot be imported is an error, not a skip.
+tests/test_engines.py runs it on each folder kind (CI builds both engines).
 """
 
 import argparse
