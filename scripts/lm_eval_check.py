@@ -7,7 +7,7 @@ computes log P(continuation | context) for loglikelihood and multiple-choice tas
 probabilities for the ids the original API gives: `tokenizer.encode(context)` ([gMASK] sop + text) for plain
 prompts, `build_chat_input` for chat prompts.
 
-    pip install lm-eval==0.4.13        # not in requirements-test.txt
+    pip install lm-eval==0.4.13        # in requirements-test.txt
     python scripts/lm_eval_check.py output/glm-skills
 
 Measured with lm-eval 0.4.13 (docs/engines.md): plain prompts are scored right with lm-eval's defaults; with
