@@ -59,19 +59,24 @@ class Ours:
         self.new_tokens = new_tokens
         self.stops = list(self.tokenizer.stop_token_ids)
         self.vocabulary = len(self.tokenizer.get_vocab())  # ids from here to padded_vocab_size are padding rows
+        self._greedy, self._replies = {}, {}  # both engines compare with the same runs of ours
 
     def greedy(self, ids):
-        """Up to new_tokens greedy tokens after `ids`, the stop token included when one came."""
-        with torch.no_grad():
-            out = self.model.generate(torch.tensor([ids]), max_new_tokens=self.new_tokens, do_sample=False,
-                                      eos_token_id=self.stops, pad_token_id=self.tokenizer.pad_token_id)
-        return out[0, len(ids):].tolist()
+        """Up to new_tokens greedy tokens after `ids`, up to and including the first stop token."""
+        if tuple(ids) not in self._greedy:
+            with torch.no_grad():
+                out = self.model.generate(torch.tensor([ids]), max_new_tokens=self.new_tokens, do_sample=False,
+                                          eos_token_id=self.stops, pad_token_id=self.tokenizer.pad_token_id)
+            self._greedy[tuple(ids)] = trim(out[0, len(ids):].tolist(), self.stops)
+        return self._greedy[tuple(ids)]
 
     def reply(self, query, history):
         """model.chat()'s reply text (greedy, new_tokens at most)."""
-        response, _ = self.model.chat(self.tokenizer, query, history=history, do_sample=False,
-                                      max_new_tokens=self.new_tokens)
-        return response
+        key = (query, repr(history))
+        if key not in self._replies:
+            self._replies[key] = self.model.chat(self.tokenizer, query, history=history, do_sample=False,
+                                                 max_new_tokens=self.new_tokens)[0]
+        return self._replies[key]
 
     def conversations(self):
         """(messages for the engines, query, history for model.chat) per chat case."""
@@ -108,7 +113,8 @@ def check_llama_cpp(folder, ours, tmp, results):
                                capture_output=True)
     if converted.returncode != 0:  # e.g. a byte-level vocabulary llama.cpp has no pre-tokenizer hash for
         reason = [line for line in (converted.stdout + converted.stderr).splitlines() if line.strip()][-1:]
-        report(results, "llama.cpp converts the folder", False, f"convert_hf_to_gguf.py refused it: {' '.join(reason)}")
+        report(results, "llama.cpp converts the folder", False,
+               f"convert_hf_to_gguf.py refused it: {' '.join(reason)}")
         return
     llm = Llama(str(gguf), n_ctx=0, verbose=False, type_k=0, type_v=0)  # the trained context, f32 KV cache
     sample = dict(temperature=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0, seed=0)
@@ -127,7 +133,7 @@ def check_llama_cpp(folder, ours, tmp, results):
         ids = tokenizer.encode(query)
         theirs = llm.tokenize((prefix + query).encode(), add_bos=True, special=True)
         report(results, f"llama.cpp plain {query!r} ids", theirs == ids)
-        report(results, f"llama.cpp plain {query!r} greedy", engine_greedy(theirs) == trim(ours.greedy(ids), ours.stops))
+        report(results, f"llama.cpp plain {query!r} greedy", engine_greedy(theirs) == ours.greedy(ids))
 
     template = llm.metadata["tokenizer.chat_template"]
     # with no chat_format given, llama-cpp-python formats chats with the GGUF's template (its Jinja2ChatFormatter)
@@ -164,20 +170,21 @@ def check_llama_cpp(folder, ours, tmp, results):
         prompt = list(llm.input_ids[:response["usage"]["prompt_tokens"]])
         report(results, f"{name}: create_chat_completion prompt ids", prompt == ids)
 
-        if not history and query == PROMPTS[1]:  # what the default handler does with a whole reply (shown, not compared)
+        if not history and query == PROMPTS[1]:  # the default handler on a whole reply (shown, not compared)
             default = llm.create_chat_completion(messages=messages, max_tokens=ours.new_tokens, **sample)
             print(f"note: default handler: finish {default['choices'][0]['finish_reason']!r}, "
                   f"{default['usage']['completion_tokens']} tokens, {default['choices'][0]['message']['content']!r}")
         llm.chat_handler = stopping
         response = llm.create_chat_completion(messages=messages, max_tokens=ours.new_tokens, **sample)
-        expected = trim(ours.greedy(ids), ours.stops)
+        expected = ours.greedy(ids)
         stopped = bool(expected) and expected[-1] in ours.stops
         finish = response["choices"][0]["finish_reason"]
         # the tokens llama.cpp evaluated after the prompt: every generated token, except perhaps the last (the
         # max_tokens-th, or an end-of-generation token, is sampled and never fed back)
         tokens = [int(t) for t in llm.input_ids[response["usage"]["prompt_tokens"]:llm.n_tokens]]
-        report(results, f"{name}: create_chat_completion greedy", tokens == expected[:len(tokens)]
-               and len(tokens) >= len(expected) - 1 and finish == ("stop" if stopped else "length"), f"{tokens} + 1 vs {expected}, finish {finish}")
+        same = tokens == expected[:len(tokens)] and len(tokens) >= len(expected) - 1
+        report(results, f"{name}: create_chat_completion greedy", same and finish == ("stop" if stopped else "length"),
+               f"{tokens} + 1 vs {expected}, finish {finish}")
         text = response["choices"][0]["message"]["content"]
         reply = ours.reply(query, history)
         # llama-cpp-python drops bytes that are not UTF-8 (errors="ignore"); ours show them as U+FFFD, as the
@@ -210,7 +217,7 @@ def check_chatglm_cpp(folder, ours, tmp, results):
         chat_messages = [chatglm_cpp.ChatMessage(role=m["role"], content=m["content"]) for m in messages]
         report(results, f"{name}: apply_chat_template ids", pipeline.tokenizer.apply_chat_template(
             chat_messages, 512) == ids)
-        expected = trim(ours.greedy(ids), ours.stops)
+        expected = ours.greedy(ids)
         # Two outputs chatglm.cpp cannot decode, which only untrained weights produce: padding-row ids (its decoder
         # crashes, SIGSEGV) and bytes that are not UTF-8 (Pipeline.chat raises UnicodeDecodeError)
         padding = [t for t in expected if t >= ours.vocabulary]
