@@ -24,6 +24,7 @@ from transformers.modeling_outputs import (
     CausalLMOutputWithPast,
     SequenceClassifierOutputWithPast,
 )
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .chat_glm import ChatMixin
@@ -200,6 +201,36 @@ def eager_attention_forward(module, query, key, value, attention_mask, scaling, 
     return output, weights
 
 
+def _grouped_single_query(module, implementation, attention_mask, kwargs):
+    """Whether a one-token attention step can run on the K/V groups as they are cached (see below): transformers'
+    own sdpa function is the one registered, K/V heads are shared, the mask (if any) is the same for all heads, and
+    nothing needs the attention weights or dropout."""
+    return (
+        implementation == "sdpa"
+        and module.num_key_value_groups > 1
+        and ALL_ATTENTION_FUNCTIONS["sdpa"] is sdpa_attention_forward
+        and (attention_mask is None or (attention_mask.dim() == 4 and attention_mask.shape[1] == 1))
+        and not kwargs.get("output_attentions")
+        and not (module.training and module.config.attention_dropout > 0)
+    )
+
+
+def _grouped_single_query_sdpa(query, key, value, attention_mask, scaling):
+    """Decoding attention without repeating K/V: the n_rep query heads that share a K/V group become n_rep query
+    rows of that group (query [batch, heads, 1, dim] -> [batch, kv_heads, n_rep, dim]), so sdpa reads each cached
+    K/V head once. The same rewrite transformers' sdpa_attention_forward makes for one query token outside
+    torch.compile (`pack_gqa`, 5.x); under compile, and on 4.57, it repeats K/V into a copy of the whole cache per
+    layer and step instead, which costs a decoding step more the longer the context (docs/performance.md).
+    Head h uses K/V group h // n_rep, as repeat_kv and GLM_SPEC's expansion do. Returns [batch, heads, dim]."""
+    batch, heads, _, dim = query.shape
+    kv_heads = key.shape[1]
+    query = query.reshape(batch, kv_heads, heads // kv_heads, dim)
+    if attention_mask is not None:  # [batch, 1, 1, kv] (static caches: longer): broadcast over the query rows
+        attention_mask = attention_mask[..., : key.shape[-2]]
+    output = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scaling)
+    return output.reshape(batch, heads, dim)
+
+
 class SelfAttention(nn.Module):
     """Fused QKV projection (rows Q, then K, then V), RoPE, grouped K/V, then `dense`."""
 
@@ -236,6 +267,9 @@ class SelfAttention(nn.Module):
             key, value = cache.update(key, value, self.layer_idx, {"cache_position": cache_position})
 
         implementation = self.config._attn_implementation or "sdpa"
+        if seq_len == 1 and _grouped_single_query(self, implementation, attention_mask, kwargs):
+            output = _grouped_single_query_sdpa(query, key, value, attention_mask, self.scaling)
+            return self.dense(output.reshape(batch, seq_len, self.q_size)), None
         attention = eager_attention_forward if implementation == "eager" else ALL_ATTENTION_FUNCTIONS[implementation]
         output, weights = attention(
             self,

@@ -168,6 +168,73 @@ def test_cached_decoding_equals_full_forward(implementation):
     torch.testing.assert_close(stepwise[real], full[real], atol=1e-5, rtol=0)
 
 
+def _decode_logits(model, ids, mask, cache):
+    """Prefill all but the last 3 tokens, then one token at a time; the logits of the one-token steps."""
+    with torch.no_grad():
+        model(ids[:, :-3], attention_mask=mask[:, :-3], past_key_values=cache, use_cache=True)
+        return torch.cat([model(ids[:, end - 1:end], attention_mask=mask[:, :end], past_key_values=cache,
+                                use_cache=True).logits for end in range(ids.shape[1] - 2, ids.shape[1] + 1)], 1)
+
+
+@pytest.mark.parametrize("cache_kind, pre_seq_len", [("dynamic", None), ("static", None), ("dynamic", 3)])
+def test_grouped_single_query_attention_equals_repeated_kv(cache_kind, pre_seq_len, monkeypatch):
+    """One-token sdpa steps attend each cached K/V group once, with the group's query heads as rows: the same logits
+    as transformers' sdpa function, which repeats K/V for every query head, and as eager attention. Left-padded
+    rows (a mask), a static cache (a mask longer than what is cached) and a P-tuning prefix."""
+    from test_export import _static_cache
+
+    def run(implementation, grouped):
+        torch.manual_seed(5)
+        model = glm.ChatGLMForConditionalGeneration(
+            tiny_config(attn_implementation=implementation, pre_seq_len=pre_seq_len)).eval()
+        ids, mask = _left_padded_batch(model.config.padded_vocab_size, [10, 6])
+        cache = _static_cache(model, 2, 16) if cache_kind == "static" else DynamicCache()
+        taken = []
+        original = modeling._grouped_single_query
+
+        def spy(*args):
+            taken.append(original(*args) and grouped)
+            return taken[-1]
+
+        monkeypatch.setattr(modeling, "_grouped_single_query", spy)
+        logits = _decode_logits(model, ids, mask, cache)
+        monkeypatch.setattr(modeling, "_grouped_single_query", original)
+        return logits, taken
+
+    grouped, taken = run("sdpa", True)
+    assert taken == [True] * 2 * 3  # tiny_config's 2 layers, 3 one-token steps: every one took the grouped path
+    repeated, not_taken = run("sdpa", False)
+    assert not_taken == [False] * 2 * 3
+    eager, _ = run("eager", True)
+    torch.testing.assert_close(grouped, repeated, atol=1e-5, rtol=0)
+    torch.testing.assert_close(grouped, eager, atol=1e-5, rtol=0)
+
+
+def test_grouped_single_query_attention_leaves_a_registered_sdpa_function_in_charge():
+    """A user's own function registered as "sdpa" (transformers' AttentionInterface) is called for decoding steps too;
+    the grouped path is only a rewrite of transformers' own function."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    calls = []
+
+    def counting(module, query, *args, **kwargs):
+        calls.append(query.shape[2])
+        return sdpa_attention_forward(module, query, *args, **kwargs)
+
+    torch.manual_seed(6)
+    model = glm.ChatGLMForConditionalGeneration(tiny_config(attn_implementation="sdpa")).eval()
+    ids, mask = _left_padded_batch(model.config.padded_vocab_size, [8, 5])
+    expected = _decode_logits(model, ids, mask, DynamicCache())
+    AttentionInterface.register("sdpa", counting)
+    try:
+        logits = _decode_logits(model, ids, mask, DynamicCache())
+    finally:
+        AttentionInterface.register("sdpa", sdpa_attention_forward)
+    assert calls.count(1) == 2 * 3 and len(calls) == 2 * 4  # every layer: the prefill and the three one-token steps
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)
+
+
 def test_static_cache_generation_equals_dynamic():
     config, model, _ = _pair(4)
     ids, mask = _left_padded_batch(config.padded_vocab_size, [7, 5])
