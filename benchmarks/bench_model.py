@@ -16,6 +16,8 @@ What is measured, per config:
   compiled greedy batch 1 and 8 with a static cache and torch.compile(fullgraph=True) through generate()'s
            compile_config, ours against native compiled the same way and against native's default eager generate();
            the first call's extra seconds as compile time (--compiled-new-tokens new tokens, default 64)
+  longctx  compiled greedy batch 1 after a --long-context prompt (default 2048), decode-only tokens/s (two generate()
+           lengths, differenced), against native compiled and native eager: attention over the whole cache each step
   packing  SFT training (forward + backward + AdamW) on the built-in skill conversations, one per padded row against
            train.py --packing rows (data_glm.pack_sft): real tokens/s
 and the machine's own limits in the same run: dense matmul FLOP/s (a 2048^2 fp32 product on CPU) and matrix-vector
@@ -57,7 +59,7 @@ CONFIGS = {
 TRAIN_BATCH, TRAIN_LEN = 4, 512
 PREFILL_LEN = 2048
 PROMPT_LEN = 32
-SECTIONS = ("train", "memory", "prefill", "gen1", "gen8", "compiled", "packing")
+SECTIONS = ("train", "memory", "prefill", "gen1", "gen8", "compiled", "longctx", "packing")
 
 
 def build_pair(name, device, dtype, which=("ours", "native")):
@@ -308,13 +310,14 @@ def run_config(name, args, device, dtype, limits):
                      f"bound {bound:.0f} tokens/s: {weight_bytes / 2 ** 20:.0f} MB/step at {bandwidth / 1e9:.1f} GB/s"))
     if "compiled" in args.sections:
         rows.extend(compiled_rows(models, vocab, args, device, weight_bytes, generator))
+    if "longctx" in args.sections:
+        rows.extend(long_context_rows(models, vocab, args, device, generator))
     if "packing" in args.sections:
         rows.extend(packing_rows(config, models["ours"], args, device, dtype))
     return {"config": name, "parameters": total_params, "rows": rows}
 
 
-def compiled_rows(models, vocab, args, device, weight_bytes, generator):
-    """Static cache + fullgraph compile for both models, and native's default eager generate()."""
+def _compile_config(args, device):
     from transformers import CompileConfig
 
     if args.compile_options:  # torch.compile takes a mode or options, not both
@@ -322,6 +325,54 @@ def compiled_rows(models, vocab, args, device, weight_bytes, generator):
     else:
         compile_config = CompileConfig(fullgraph=True, mode="default" if device.type == "cpu" else "reduce-overhead")
     compile_config._compile_all_devices = True  # generate() compiles only on GPUs unless told to (CPU runs)
+    return compile_config
+
+
+def long_context_rows(models, vocab, args, device, generator):
+    """Compiled batch-1 decoding after a --long-context prompt, where every step's attention reads the whole cache.
+    Decode-only tokens/s: the difference of two generate() lengths, so that the (eager) prefill cancels. Ours and
+    native compiled the same way, each with one StaticCache of fixed length passed in (reset before every call, so
+    both lengths run the same graph), and native's default eager generate() (DynamicCache)."""
+    from transformers.cache_utils import StaticCache
+
+    context, short = args.long_context, 8
+    long = short + args.compiled_new_tokens
+    ids = torch.randint(3, vocab, (1, context), generator=generator).to(device)
+    compile_config = _compile_config(args, device)
+    caches = {f"{key} compiled": StaticCache(config=models[key].config, max_cache_len=context + long)
+              for key in ("native", "ours")}
+    outputs = {}
+
+    def generate(key, new):
+        model = models[key.split()[0]]
+
+        def run():
+            extra = {}
+            if key in caches:
+                caches[key].reset()
+                extra = {glm.modeling.CACHE_FIELD: caches[key], "compile_config": compile_config}
+            outputs[key] = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
+                                          min_new_tokens=new, do_sample=False, pad_token_id=0, eos_token_id=None,
+                                          **extra)
+        return run
+
+    keys = ("native eager", "native compiled", "ours compiled")
+    runs = {(key, new): generate(key, new) for key in keys for new in (short, long)}
+    seconds = alternate(runs, args.repeats, device, warmup=1)  # the warm-up compiles
+    speed = {key: (long - short) / (seconds[(key, long)] - seconds[(key, short)]) for key in keys}
+    same = (outputs["ours compiled"] == outputs["native eager"]).float().mean().item()
+    print(f"# compiled b1 decode at {context} context: {speed} tokens/s", flush=True)
+    return [
+        (f"compiled b1 @{context} ctx vs native eager", speed["native eager"], speed["ours compiled"],
+         speed["ours compiled"] / speed["native eager"], f"decode tokens/s; tokens identical: {100 * same:.1f}%"),
+        (f"compiled b1 @{context} ctx vs native compiled", speed["native compiled"], speed["ours compiled"],
+         speed["ours compiled"] / speed["native compiled"], "decode tokens/s"),
+    ]
+
+
+def compiled_rows(models, vocab, args, device, weight_bytes, generator):
+    """Static cache + fullgraph compile for both models, and native's default eager generate()."""
+    compile_config = _compile_config(args, device)
     new = args.compiled_new_tokens
     rows = []
     for batch in (1, 8):
@@ -431,6 +482,7 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per model (default 5, --quick 3)")
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--compiled-new-tokens", type=int, default=64, help="new tokens of the compiled rows")
+    parser.add_argument("--long-context", type=int, default=2048, help="prompt tokens of the longctx rows")
     parser.add_argument("--compile-options", default=None, help="inductor options for the compiled rows, as JSON "
                         "(e.g. '{\"cpp_wrapper\": true}'), instead of mode default (CPU) / reduce-overhead (CUDA)")
     parser.add_argument("--packing-conversations", type=int, default=128, help="built-in conversations of the "
