@@ -306,3 +306,18 @@ def test_train_packing_refuses_what_it_cannot_pack(extra, message, capsys):
     with pytest.raises(SystemExit):
         train.parse_args(["--config_name", "tiny", "--packing", *extra])
     assert message in capsys.readouterr().err
+
+
+def test_gpu_parity_script_passes_on_cpu():
+    """benchmarks/gpu_parity.py, the parity half of scripts/gpu_check.sh for a session with a GPU, run on the CPU:
+    every check it prints (ours against native in fp32 and bf16, eager, static-cache and compiled) says OK."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_parity.py"), "--device", "cpu"],
+                            capture_output=True, text=True, timeout=600)
+    lines = [line for line in result.stdout.splitlines() if line.startswith(("OK", "DIFF"))]
+    assert result.returncode == 0 and len(lines) == 6 and all(line.startswith("OK") for line in lines), \
+        result.stdout + result.stderr[-3000:]
