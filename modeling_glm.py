@@ -49,8 +49,10 @@ def _causal_mask(config, inputs_embeds, attention_mask, cache, cache_position, p
     if _MASK_TAKES_CACHE:
         return masking_utils.create_causal_mask(config=config, inputs_embeds=inputs_embeds,
                                                 attention_mask=attention_mask, cache=cache, position_ids=position_ids)
-    if torch.jit.is_tracing():
-        # 4.57 builds sdpa/eager masks with torch.vmap, which jit.trace cannot record (an opaque C++ error).
+    if torch.jit.is_tracing() and _stock_vmap_mask(config):
+        # 4.57 builds sdpa/eager masks with torch.vmap, which jit.trace cannot record (an opaque C++ error). A mask
+        # function registered in their place (AttentionMaskInterface; optimum's ONNX exporter registers vmap-free
+        # ones while it traces) is used as it is.
         raise RuntimeError("TorchScript tracing (torch.onnx.export(..., dynamo=False), optimum's exporter) needs "
                            "transformers >= 5.0 with this model: transformers 4.57 builds the attention mask with "
                            "torch.vmap, which torch.jit.trace cannot record. Use torch.onnx.export(..., dynamo=True) "
@@ -58,6 +60,12 @@ def _causal_mask(config, inputs_embeds, attention_mask, cache, cache_position, p
     return masking_utils.create_causal_mask(config=config, input_embeds=inputs_embeds, attention_mask=attention_mask,
                                             cache_position=cache_position, past_key_values=cache,
                                             position_ids=position_ids)
+
+
+def _stock_vmap_mask(config) -> bool:
+    """Whether 4.57's own vmap-built sdpa or eager mask function is the one registered for this attention."""
+    registered = masking_utils.ALL_MASK_ATTENTION_FUNCTIONS.get(config._attn_implementation or "sdpa")
+    return registered in (masking_utils.sdpa_mask, masking_utils.eager_mask)
 
 
 def _tracing() -> bool:
@@ -204,9 +212,11 @@ def eager_attention_forward(module, query, key, value, attention_mask, scaling, 
 def _grouped_single_query(module, implementation, attention_mask, kwargs):
     """Whether a one-token attention step can run on the K/V groups as they are cached (see below): transformers'
     own sdpa function is the one registered, K/V heads are shared, the mask (if any) is the same for all heads, and
-    nothing needs the attention weights or dropout."""
+    nothing needs the attention weights or dropout. Not under TorchScript tracing (optimum's ONNX exporter), which
+    would record the one-token test as a constant: one graph serves prompts and decoding steps there."""
     return (
         implementation == "sdpa"
+        and not torch.jit.is_tracing()
         and module.num_key_value_groups > 1
         and ALL_ATTENTION_FUNCTIONS["sdpa"] is sdpa_attention_forward
         and (attention_mask is None or (attention_mask.dim() == 4 and attention_mask.shape[1] == 1))

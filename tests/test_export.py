@@ -188,6 +188,90 @@ def test_onnx_export_logits_match_eager_in_onnxruntime(dynamo, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# optimum-onnx: the Hugging Face ONNX exporter (optimum-cli export onnx) and its onnxruntime models
+
+
+def _need_optimum_onnx():
+    if importlib.util.find_spec("optimum") is None or importlib.util.find_spec("optimum.exporters.onnx") is None:
+        pytest.skip("optimum-onnx is not installed here: its latest release (0.1.0) requires transformers < 4.58, so "
+                    "CI installs it in the transformers 4.57 leg (ci/requirements-transformers4.txt), which runs this")
+
+
+def test_optimum_cli_exports_the_native_conversion_and_its_ort_model_generates_our_tokens(tmp_path):
+    """The route docs/engines.md gives: convert_glm.py --to native, then `optimum-cli export onnx --task
+    text-generation-with-past` as optimum documents it; optimum's ORTModelForCausalLM (onnxruntime, with its KV cache)
+    gives our greedy tokens for left-padded rows and our logits."""
+    import subprocess
+    import sys
+
+    import convert_glm
+
+    _need_optimum_onnx()
+    from optimum.onnxruntime import ORTModelForCausalLM
+
+    model = _model(8)
+    model.save_pretrained(tmp_path / "ours")
+    convert_glm.convert_checkpoint(tmp_path / "ours", tmp_path / "native", "native")
+    result = subprocess.run([sys.executable, "-m", "optimum.commands.optimum_cli", "export", "onnx", "--model",
+                             str(tmp_path / "native"), "--task", "text-generation-with-past", str(tmp_path / "onnx")],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ort_model = ORTModelForCausalLM.from_pretrained(tmp_path / "onnx")
+    ids, mask = _left_padded_batch(model.config.padded_vocab_size, [9, 5])
+    kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None)
+    assert torch.equal(ort_model.generate(ids, attention_mask=mask, **kwargs),
+                       model.generate(ids, attention_mask=mask, **kwargs))
+    with torch.no_grad():
+        ours = model(ids, attention_mask=mask).logits
+    real = mask.bool()
+    torch.testing.assert_close(ort_model(input_ids=ids, attention_mask=mask).logits[real], ours[real], atol=1e-4,
+                               rtol=0)
+
+
+def test_optimum_exports_our_remote_code_folder_with_its_glm_onnx_config(tmp_path):
+    """Our own folder (model_type chatglm, trust_remote_code) through optimum's main_export with its GLM ONNX config
+    passed as a custom config, as optimum documents for custom architectures: the ONNX model gives our logits in
+    onnxruntime for a prompt and then for a decoding step fed the returned K/V. (optimum's ORTModelForCausalLM sizes
+    an empty cache by num_attention_heads for model types it does not list, so it cannot run this file: the native
+    conversion above is the route for it.)"""
+    _need_optimum_onnx()
+    ort = pytest.importorskip("onnxruntime")
+    import numpy as np
+    from optimum.exporters.onnx import main_export
+    from optimum.exporters.onnx.model_configs import GLMOnnxConfig
+    from transformers import AutoConfig
+
+    model = _model(9)
+    model.save_pretrained(tmp_path / "ours")
+    config = AutoConfig.from_pretrained(tmp_path / "ours", trust_remote_code=True)
+    onnx_config = GLMOnnxConfig(config, task="text-generation", use_past=True, use_past_in_inputs=True)
+    main_export(str(tmp_path / "ours"), output=tmp_path / "onnx", task="text-generation-with-past",
+                trust_remote_code=True, custom_onnx_configs={"model": onnx_config})
+    session = ort.InferenceSession(str(tmp_path / "onnx" / "model.onnx"), providers=["CPUExecutionProvider"])
+    inputs = {i.name for i in session.get_inputs()}
+    outputs = [o.name for o in session.get_outputs()]
+    ids, mask = _left_padded_batch(model.config.padded_vocab_size, [9, 5])
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    empty = np.zeros((2, model.config.multi_query_group_num, 0, model.config.kv_channels), dtype=np.float32)
+    feed = {"input_ids": ids.numpy(), "attention_mask": mask.numpy(), "position_ids": positions.numpy()}
+    feed.update({name: empty for name in inputs if name.startswith("past_key_values.")})
+    prompt = session.run(None, {k: v for k, v in feed.items() if k in inputs})
+    step_ids = torch.tensor([[5], [7]])
+    step_mask = torch.cat([mask, torch.ones_like(step_ids)], 1)
+    feed = {"input_ids": step_ids.numpy(), "attention_mask": step_mask.numpy(),
+            "position_ids": positions[:, -1:].numpy() + 1}
+    feed.update({name.replace("present", "past_key_values"): value
+                 for name, value in zip(outputs, prompt) if name.startswith("present")})
+    step = session.run(None, {k: v for k, v in feed.items() if k in inputs})
+    with torch.no_grad():
+        ours = model(ids, attention_mask=mask).logits
+        ours_step = model(torch.cat([ids, step_ids], 1), attention_mask=step_mask).logits[:, -1]
+    real = mask.bool()
+    torch.testing.assert_close(torch.from_numpy(prompt[0])[real], ours[real], atol=1e-4, rtol=0)
+    torch.testing.assert_close(torch.from_numpy(step[0])[:, -1], ours_step, atol=1e-4, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Packed rows: position_ids restarting inside a row
 
 
