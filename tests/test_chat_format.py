@@ -232,6 +232,56 @@ def test_trl_sft_trainer_trains_on_tokenize_conversation_labels(trained, tmp_pat
     assert len(losses) == 3 and all(0 < loss < 20 for loss in losses)
 
 
+def test_trl_dpo_trainer_on_our_folder_equals_it_on_native_glm(trained, tmp_path):
+    """TRL 1.16's DPOTrainer given our saved folder (trust_remote_code, the reference model loaded from the same
+    folder as TRL does) on a conversational preference dataset: its prompt/chosen/rejected ids are our chat template's
+    (the completion ending with eos), and the DPO losses, log-probabilities and rewards of three steps equal those of
+    the same run on transformers' GlmForCausalLM with converted weights."""
+    import datasets
+    from transformers import GlmForCausalLM
+    from trl import DPOConfig, DPOTrainer
+
+    import convert_glm
+
+    rng = random.Random(4)
+
+    def text():
+        return " ".join(rng.choice(["你好", "天气", "hello", "world", "模型", "model", "北京", "晴"])
+                        for _ in range(rng.randint(1, 6)))
+
+    rows = [{"prompt": [{"role": "user", "content": text()}], "chosen": [{"role": "assistant", "content": text()}],
+             "rejected": [{"role": "assistant", "content": text()}]} for _ in range(8)]
+    config = tiny_config(padded_vocab_size=512, eos_token_id=trained.eos_token_id, pad_token_id=trained.pad_token_id)
+    torch.manual_seed(0)
+    ours = glm.ChatGLMForConditionalGeneration(config)
+    native = GlmForCausalLM(convert_glm.glm_config_to_native(config))
+    native.load_state_dict(convert_glm.glm_to_native_state_dict(ours.state_dict(), config), strict=False)
+    ours.save_pretrained(tmp_path / "ours")
+    native.save_pretrained(tmp_path / "native")
+    logs = {}
+    for name in ("ours", "native"):
+        args = DPOConfig(output_dir=str(tmp_path / f"run-{name}"), max_steps=3, per_device_train_batch_size=4,
+                         learning_rate=1e-3, report_to="none", logging_steps=1, save_strategy="no", use_cpu=True,
+                         bf16=False, dataloader_num_workers=0, seed=0, trust_remote_code=True)
+        trainer = DPOTrainer(model=str(tmp_path / name), args=args, train_dataset=datasets.Dataset.from_list(rows),
+                             processing_class=trained)
+        if name == "ours":
+            assert type(trainer.model).__name__ == "ChatGLMForConditionalGeneration"
+            for row, source in zip(trainer.train_dataset, rows):
+                for side in ("chosen", "rejected"):
+                    expected = trained.tokenize_conversation(source["prompt"] + source[side])
+                    assert row["prompt_ids"] + row[f"{side}_ids"] == expected["input_ids"]
+                    assert row[f"{side}_ids"][-1] == trained.eos_token_id
+        trainer.train()
+        logs[name] = [log for log in trainer.state.log_history if "loss" in log]
+    assert len(logs["ours"]) == len(logs["native"]) == 3
+    keys = ("loss", "logps/chosen", "logps/rejected", "rewards/chosen", "rewards/rejected", "rewards/margins")
+    for a, b in zip(logs["ours"], logs["native"]):
+        for key in keys:
+            assert a[key] == pytest.approx(b[key], abs=1e-4), (key, a, b)
+    assert logs["ours"][-1]["loss"] < logs["ours"][0]["loss"]  # it learns the preference
+
+
 def test_peft_prefix_tuning_runs_and_generates():
     import peft
     from transformers import GlmForCausalLM
