@@ -4,8 +4,8 @@
 #
 #     bash scripts/gpu_check.sh [OUT_DIR]        # OUT_DIR defaults to $OUT, else /tmp/gpu_check
 #
-# 1. the CUDA parity check: ours against native GlmForCausalLM in bf16 on the GPU (logits, and greedy tokens of eager,
-#    static-cache and compiled generate());
+# 1. the parity check on the GPU: ours against native GlmForCausalLM in fp32 and bf16 (logits, and greedy tokens of
+#    eager, static-cache and compiled generate());
 # 2. benchmarks/bench_model.py --device cuda on the small and ~1B configs, sections gen1, compiled and longctx:
 #    bf16, sdpa, compiled static-cache decode (mode reduce-overhead: CUDA graphs) against native eager and native
 #    compiled; the target is compiled >= 2x native's default eager generate().
@@ -35,14 +35,14 @@ print(f"torch {torch.__version__}, transformers {transformers.__version__}, {nam
 EOF
 [ "${PIPESTATUS[0]}" -eq 0 ] || exit 1
 
-echo "== parity on $device (bf16)"
+echo "== parity on $device (fp32 and bf16)"
 timeout 240 "$python" benchmarks/gpu_parity.py --device "$device" 2>&1 | tee "$out/parity.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 echo "== bench_model on $device"
 configs="small,1b"
 [ "$device" = cpu ] && configs="small"
-timeout 300 "$python" benchmarks/bench_model.py --device "$device" --configs "$configs" --repeats 3 \
+timeout 300 "$python" benchmarks/bench_model.py --device "$device" --configs "$configs" --repeats 3 --new-tokens 128 \
   --sections gen1,compiled,longctx --json "$out/bench_model.json" 2>&1 | tee "$out/bench_model.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 exit $status
