@@ -232,16 +232,36 @@ def test_trl_sft_trainer_trains_on_tokenize_conversation_labels(trained, tmp_pat
     assert len(losses) == 3 and all(0 < loss < 20 for loss in losses)
 
 
+def _ours_and_native_folders(tokenizer, tmp_path):
+    """A tiny random GLM saved as our folder (tmp_path/ours) and as transformers' GlmForCausalLM with the same weights
+    (tmp_path/native): what TRL's trainers load, policy and reference alike."""
+    from transformers import GlmForCausalLM
+
+    import convert_glm
+
+    config = tiny_config(padded_vocab_size=512, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    ours = glm.ChatGLMForConditionalGeneration(config)
+    native = GlmForCausalLM(convert_glm.glm_config_to_native(config))
+    native.load_state_dict(convert_glm.glm_to_native_state_dict(ours.state_dict(), config), strict=False)
+    ours.save_pretrained(tmp_path / "ours")
+    native.save_pretrained(tmp_path / "native")
+
+
+def _trl_args(config_class, tmp_path, name, **extra):
+    return config_class(output_dir=str(tmp_path / f"run-{name}"), per_device_train_batch_size=4, learning_rate=1e-3,
+                        report_to="none", logging_steps=1, save_strategy="no", use_cpu=True, bf16=False,
+                        dataloader_num_workers=0, seed=0, trust_remote_code=True, **extra)
+
+
 def test_trl_dpo_trainer_on_our_folder_equals_it_on_native_glm(trained, tmp_path):
     """TRL 1.16's DPOTrainer given our saved folder (trust_remote_code, the reference model loaded from the same
     folder as TRL does) on a conversational preference dataset: its prompt/chosen/rejected ids are our chat template's
     (the completion ending with eos), and the DPO losses, log-probabilities and rewards of three steps equal those of
     the same run on transformers' GlmForCausalLM with converted weights."""
     import datasets
-    from transformers import GlmForCausalLM
     from trl import DPOConfig, DPOTrainer
-
-    import convert_glm
 
     rng = random.Random(4)
 
@@ -251,19 +271,11 @@ def test_trl_dpo_trainer_on_our_folder_equals_it_on_native_glm(trained, tmp_path
 
     rows = [{"prompt": [{"role": "user", "content": text()}], "chosen": [{"role": "assistant", "content": text()}],
              "rejected": [{"role": "assistant", "content": text()}]} for _ in range(8)]
-    config = tiny_config(padded_vocab_size=512, eos_token_id=trained.eos_token_id, pad_token_id=trained.pad_token_id)
-    torch.manual_seed(0)
-    ours = glm.ChatGLMForConditionalGeneration(config)
-    native = GlmForCausalLM(convert_glm.glm_config_to_native(config))
-    native.load_state_dict(convert_glm.glm_to_native_state_dict(ours.state_dict(), config), strict=False)
-    ours.save_pretrained(tmp_path / "ours")
-    native.save_pretrained(tmp_path / "native")
+    _ours_and_native_folders(trained, tmp_path)
     logs = {}
     for name in ("ours", "native"):
-        args = DPOConfig(output_dir=str(tmp_path / f"run-{name}"), max_steps=3, per_device_train_batch_size=4,
-                         learning_rate=1e-3, report_to="none", logging_steps=1, save_strategy="no", use_cpu=True,
-                         bf16=False, dataloader_num_workers=0, seed=0, trust_remote_code=True)
-        trainer = DPOTrainer(model=str(tmp_path / name), args=args, train_dataset=datasets.Dataset.from_list(rows),
+        trainer = DPOTrainer(model=str(tmp_path / name), args=_trl_args(DPOConfig, tmp_path, name, max_steps=3),
+                             train_dataset=datasets.Dataset.from_list(rows),
                              processing_class=trained)
         if name == "ours":
             assert type(trainer.model).__name__ == "ChatGLMForConditionalGeneration"
@@ -280,6 +292,39 @@ def test_trl_dpo_trainer_on_our_folder_equals_it_on_native_glm(trained, tmp_path
         for key in keys:
             assert a[key] == pytest.approx(b[key], abs=1e-4), (key, a, b)
     assert logs["ours"][-1]["loss"] < logs["ours"][0]["loss"]  # it learns the preference
+
+
+def test_trl_grpo_trainer_on_our_folder_equals_it_on_native_glm(trained, tmp_path):
+    """TRL 1.16's GRPOTrainer on our saved folder: it samples completions with our generate() from our chat template's
+    prompts, scores them with a reward function on the decoded text, and trains. Two steps give the rewards (so the
+    same sampled text), KL and losses of the same run on transformers' GlmForCausalLM."""
+    import datasets
+    from trl import GRPOConfig, GRPOTrainer
+
+    rng = random.Random(5)
+    words = ["你好", "天气", "hello", "world", "模型", "model", "北京", "晴"]
+    rows = [{"prompt": [{"role": "user", "content": " ".join(rng.choice(words) for _ in range(3))}]}
+            for _ in range(8)]
+    _ours_and_native_folders(trained, tmp_path)
+
+    def reward(completions, **kwargs):  # conversational completions: [{"role": "assistant", "content": text}]
+        return [len(completion[0]["content"]) / 10 for completion in completions]
+
+    logs = {}
+    for name in ("ours", "native"):
+        args = _trl_args(GRPOConfig, tmp_path, name, max_steps=2, num_generations=4, max_completion_length=8,
+                         beta=0.1)
+        trainer = GRPOTrainer(model=str(tmp_path / name), reward_funcs=reward, args=args,
+                              train_dataset=datasets.Dataset.from_list(rows), processing_class=trained)
+        if name == "ours":
+            assert type(trainer.model).__name__ == "ChatGLMForConditionalGeneration"
+        trainer.train()
+        logs[name] = [log for log in trainer.state.log_history if "loss" in log]
+    assert len(logs["ours"]) == len(logs["native"]) == 2
+    for a, b in zip(logs["ours"], logs["native"]):
+        for key in ("reward", "reward_std", "kl", "loss", "completions/mean_length"):
+            assert a[key] == pytest.approx(b[key], abs=1e-5), (key, a, b)
+    assert logs["ours"][0]["reward_std"] > 0 and logs["ours"][1]["kl"] > 0  # varied samples; the policy moved
 
 
 def test_peft_prefix_tuning_runs_and_generates():
