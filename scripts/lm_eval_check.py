@@ -13,7 +13,8 @@ prompts, `build_chat_input` for chat prompts.
 Measured with lm-eval 0.4.13 (docs/engines.md): plain prompts are scored right with lm-eval's defaults; with
 --apply_chat_template they are right only with `add_bos_token=False` in model_args (by default lm-eval's encode
 adds our [gMASK] sop prefix to a text that already starts with it). Exits non-zero when a setting meant to be right
-is not.
+is not. In the two right settings it also runs lm-eval's `generate_until` (generation tasks) and compares the
+replies with our greedy generate() cut at the same stop strings.
 """
 
 import argparse
@@ -67,7 +68,38 @@ def main(argv=None):
         print(f"{'OK ' if right == meant_right else 'DIFF'} {mode} {model_args or 'defaults'}: lm-eval "
               f"{[round(s, 4) for s in scores]}, ours {[round(s, 4) for s in expected]} "
               f"({'equal' if right else 'not equal'}; meant to be {'equal' if meant_right else 'off'})", flush=True)
+        if meant_right:
+            failures += not generate_until(lm, tokenizer, model, mode, model_args)
     sys.exit(1 if failures else 0)
+
+
+def generate_until(lm, tokenizer, model, mode, model_args, until=("\n\n",), max_gen_toks=24):
+    """lm-eval's generate_until (generation tasks such as GSM8K: greedy, cut at the task's stop strings and eos) in
+    a setting whose prompts are right, against our greedy generate() from the same ids, decoded and cut the same
+    way (left-padded batches there, one row at a time here). Prints one line; True when all replies are equal."""
+    from lm_eval.api.instance import Instance
+
+    requests, expected = [], []
+    for i, (context, _) in enumerate(PAIRS):
+        if mode == "chat":
+            ids = tokenizer.build_chat_input(context)["input_ids"]
+            context = lm.apply_chat_template([{"role": "user", "content": context}])
+        else:
+            ids = torch.tensor([tokenizer.encode(context)])
+        gen_kwargs = {"until": list(until), "max_gen_toks": max_gen_toks, "do_sample": False}
+        requests.append(Instance("generate_until", {}, (context, gen_kwargs), i))
+        with torch.no_grad():
+            new = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_gen_toks,
+                                 do_sample=False, pad_token_id=tokenizer.pad_token_id)[0, ids.shape[1]:]
+        text = tokenizer.decode(new, skip_special_tokens=True)
+        for stop in (*until, tokenizer.decode([tokenizer.eos_token_id], skip_special_tokens=False)):
+            text = text.split(stop)[0]
+        expected.append(text)
+    replies = lm.generate_until(requests)
+    right = replies == expected
+    print(f"{'OK ' if right else 'DIFF'} generate_until {mode} {model_args or 'defaults'}: lm-eval {replies}, "
+          f"ours {expected}", flush=True)
+    return right
 
 
 if __name__ == "__main__":

@@ -560,12 +560,15 @@ def test_llama_cpp_jinja_engine_renders_our_template_like_transformers(family, r
 def test_lm_eval_scores_our_folder_like_our_model(replay_folder):
     """lm-eval 0.4.13's HF backend (HFLM, `--model hf`) on a trained folder: loglikelihoods equal our model's for
     the original API's ids with its defaults on plain prompts, and with add_bos_token=False under
-    --apply_chat_template (scripts/lm_eval_check.py; the two other settings must be off, as docs/engines.md says)."""
+    --apply_chat_template (scripts/lm_eval_check.py; the two other settings must be off, as docs/engines.md says);
+    in those two settings generate_until's replies equal our greedy generate() cut at the same stop strings."""
     pytest.importorskip("lm_eval", reason="lm-eval is not installed (requirements-test.txt)")
     result = subprocess.run([sys.executable, str(ROOT / "scripts" / "lm_eval_check.py"), str(replay_folder)],
                             env=ENV, capture_output=True, text=True, timeout=600)
     lines = [line for line in result.stdout.splitlines() if line.startswith(("OK", "DIFF"))]
-    assert result.returncode == 0 and len(lines) == 4 and all(line.startswith("OK ") for line in lines), \
+    assert result.returncode == 0 and len(lines) == 6 and all(line.startswith("OK ") for line in lines), \
         result.stdout[-3000:] + result.stderr[-3000:]
     assert "plain defaults" in lines[0] and "(equal; meant to be equal)" in lines[0]
-    assert "chat {'add_bos_token': False}" in lines[3] and "(equal; meant to be equal)" in lines[3]
+    assert "generate_until plain defaults" in lines[1]
+    assert "chat {'add_bos_token': False}" in lines[4] and "(equal; meant to be equal)" in lines[4]
+    assert "generate_until chat {'add_bos_token': False}" in lines[5]
