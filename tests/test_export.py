@@ -2,10 +2,12 @@
 transformers' ExecuTorch wrapper), both ONNX exporters run with onnxruntime, and packed rows against rows run alone."""
 
 import importlib.util
+import subprocess
+import sys
 
 import pytest
 import torch
-from conftest import glm, tiny_config
+from conftest import ROOT, glm, tiny_config
 from test_modeling import _left_padded_batch
 from transformers.cache_utils import DynamicCache, StaticCache
 
@@ -201,9 +203,6 @@ def test_optimum_cli_exports_the_native_conversion_and_its_ort_model_generates_o
     """The route docs/engines.md gives: convert_glm.py --to native, then `optimum-cli export onnx --task
     text-generation-with-past` as optimum documents it; optimum's ORTModelForCausalLM (onnxruntime, with its KV cache)
     gives our greedy tokens for left-padded rows and our logits."""
-    import subprocess
-    import sys
-
     import convert_glm
 
     _need_optimum_onnx()
@@ -395,10 +394,6 @@ def test_train_packing_refuses_what_it_cannot_pack(extra, message, capsys):
 def test_gpu_parity_script_passes_on_cpu():
     """benchmarks/gpu_parity.py, the parity half of scripts/gpu_check.sh for a session with a GPU, run on the CPU:
     every check it prints (ours against native in fp32 and bf16, eager, static-cache and compiled) says OK."""
-    import subprocess
-    import sys
-
-    from conftest import ROOT
 
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_parity.py"), "--device", "cpu"],
                             capture_output=True, text=True, timeout=600)
