@@ -19,7 +19,7 @@ What is measured, per config:
   longctx  compiled greedy batch 1 after a --long-context prompt (default 2048), decode-only tokens/s (two generate()
            lengths, differenced), against native compiled and native eager: attention over the whole cache each step
   packing  SFT training (forward + backward + AdamW) on the built-in skill conversations, one per padded row against
-           train.py --packing rows (data_glm.pack_sft): real tokens/s
+           train.py --packing rows (preprocess.pack_sft): real tokens/s
 and the machine's own limits in the same run: dense matmul FLOP/s (a 2048^2 fp32 product on CPU) and matrix-vector
 bandwidth (a 256 MB fp32 / 1 GB bf16 weight times one vector, as a decoding step reads its weights). Both are measured
 once at the start (the header) and again between the training steps and the generate() calls, in the same
@@ -426,19 +426,19 @@ def packing_rows(config, model, args, device, dtype, batch=32, block=256):
     """Real (non-pad) training tokens/s on the built-in skill data: padded rows against packed rows."""
     import datasets
 
-    import data_glm
-    import train as train_script
+    from glm_train import loop
+    from glm_train.data import batches, builtin, preprocess, sources
 
     conversations = args.packing_conversations
-    rows_data, _ = data_glm.skill_splits(n_train=conversations, n_heldout=2, seed=0)
-    tokenizer = glm.tokenization.train_glm_tokenizer(list(data_glm.conversation_texts(rows_data)), vocab_size=800)
-    tokenized = data_glm.tokenize_sft(datasets.Dataset.from_list(rows_data), tokenizer, "conversations", block)
-    packed = data_glm.pack_sft(tokenized, block)
-    padded_batches = [data_glm.Collator(tokenizer.pad_token_id)(list(tokenized.select(range(i, min(i + batch,
+    rows_data, _ = builtin.skill_splits(n_train=conversations, n_heldout=2, seed=0)
+    tokenizer = glm.tokenization.train_glm_tokenizer(list(sources.conversation_texts(rows_data)), vocab_size=800)
+    tokenized = preprocess.tokenize_sft(datasets.Dataset.from_list(rows_data), tokenizer, "conversations", block)
+    packed = preprocess.pack_sft(tokenized, block)
+    padded_batches = [batches.Collator(tokenizer.pad_token_id)(list(tokenized.select(range(i, min(i + batch,
                       len(tokenized)))))) for i in range(0, len(tokenized), batch)]
     # The same tokens in packed rows, at the padded run's tokens per step (rows of `block`).
     rows_per_step = max(1, sum(b["input_ids"].numel() for b in padded_batches) // len(padded_batches) // block)
-    packed_batches = [data_glm.PackedCollator(tokenizer.pad_token_id)(list(packed.select(range(i, min(
+    packed_batches = [batches.PackedCollator(tokenizer.pad_token_id)(list(packed.select(range(i, min(
                       i + rows_per_step, len(packed)))))) for i in range(0, len(packed), rows_per_step)]
     real = sum(len(r) for r in tokenized["input_ids"])
     model.train()
@@ -448,7 +448,7 @@ def packing_rows(config, model, args, device, dtype, batch=32, block=256):
         def run():
             for b in batches:
                 b = {k: v.to(device) for k, v in b.items()}
-                loss, count = train_script.token_loss_sum(model, b)
+                loss, count = loop.token_loss_sum(model, b)
                 (loss / count).backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)

@@ -1,5 +1,6 @@
 """Shared test helpers: the repository's code as a package, the reference folder, tiny configs."""
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -64,3 +65,33 @@ def train_to_replay(conversations, tokenizer, config, steps, stop_loss):
             break
     model.generation_config.eos_token_id = tokenizer.stop_token_ids
     return model
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """For train.py's tests: a tiny config file, text and conversation files, and a saved tiny base model with its
+    tokenizer (one per test module)."""
+    from train_helpers import TINY, sentences
+
+    from glm_train.data import builtin, sources
+
+    root = tmp_path_factory.mktemp("train")
+    config_path = root / "tiny.json"
+    config_path.write_text(json.dumps(TINY))
+    (root / "train.txt").write_text("\n".join(sentences(600)) + "\n")
+    (root / "validation.txt").write_text("\n".join(sentences(60, seed=1)) + "\n")
+    rows, _ = builtin.skill_splits(n_train=96, n_heldout=3, seed=0)
+    with open(root / "chats.jsonl", "w") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    texts = sentences(600) + list(sources.conversation_texts(rows))
+    tokenizer = glm.tokenization.train_glm_tokenizer(texts, vocab_size=500)
+    config = glm.ChatGLMConfig(**{k: v for k, v in TINY.items() if k != "model_type"},
+                               eos_token_id=tokenizer.stop_token_ids, pad_token_id=tokenizer.pad_token_id)
+    import torch
+
+    torch.manual_seed(0)
+    base = root / "base"
+    glm.ChatGLMForConditionalGeneration(config).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    return root

@@ -11,8 +11,9 @@ import pytest
 import torch
 from conftest import ROOT, glm
 from safetensors.torch import load_file
-from test_train import ACCELERATE, ENV, assert_same_weights, common, losses, metrics, run_script, weights
-from test_train import workspace  # noqa: F401  the tiny base model, tokenizer and data files
+from train_helpers import ACCELERATE, ENV, assert_same_weights, common, losses, metrics, run_script, weights
+
+from glm_train.engine import deepspeed_plugin
 
 CONFIGS = ROOT / "accelerate_configs"
 STEPS, CHECKPOINT_EVERY, KILL_AT = 6, 2, 4
@@ -62,7 +63,7 @@ def consolidated(engine, checkpoint, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def ddp_run(workspace):  # noqa: F811
+def ddp_run(workspace):
     out = workspace / "ddp"
     result = run_script(pretrain_args(workspace, out), launcher=launcher("ddp"))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -79,13 +80,13 @@ def test_ddp_replicates_everything(ddp_run):
 
 
 @pytest.mark.parametrize("engine", ["fsdp", "zero2", "zero3"])
-def test_engine_shards_matches_ddp_and_resumes_after_sigkill(workspace, ddp_run, tmp_path, engine):  # noqa: F811
+def test_engine_shards_matches_ddp_and_resumes_after_sigkill(workspace, ddp_run, tmp_path, engine):
     out = tmp_path / engine
     # The same global batch as the DDP run (2 processes x 4 rows) as 2 x 2 rows x 2 accumulation steps: the
     # engines' own accumulation boundaries (DeepSpeed's) must give the same update.
     split = ["--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2"]
     killed = run_script(pretrain_args(workspace, out, *split), launcher=launcher(engine),
-                        env={"GLM_TRAIN_KILL_IN_CHECKPOINT": str(KILL_AT)})
+                        kill=("checkpoint", KILL_AT))
     assert killed.returncode != 0
     assert (out / "checkpoints" / f"tmp-step-{KILL_AT:07d}").is_dir(), killed.stderr[-3000:]
     resumed = run_script(pretrain_args(workspace, out, *split, "--resume_from_checkpoint", "latest"),
@@ -103,6 +104,9 @@ def test_engine_shards_matches_ddp_and_resumes_after_sigkill(workspace, ddp_run,
     assert [r["step"] for r in records] == [1, KILL_AT - CHECKPOINT_EVERY + 1]  # the first run's, the resumed one's
     for record in records:
         assert record["distributed_type"] == ("FSDP" if engine == "fsdp" else "DEEPSPEED")
+        # glm_train/engine.py engages FSDP on CPU processes itself because accelerate (up to 1.16) does not: once
+        # accelerate does, this fails, and engage_fsdp_on_cpu is to be deleted.
+        assert record["fsdp_on_cpu_patched"] == (engine == "fsdp"), "accelerate now engages FSDP on CPU by itself"
         assert record["num_processes"] == 2 and record["block_weight_numel"] == FULL_QKV
         held = record["block_weight_numel_per_rank"]
         assert held == ([FULL_QKV, FULL_QKV] if engine == "zero2" else [FULL_QKV // 2, FULL_QKV // 2])
@@ -133,7 +137,7 @@ def test_engine_shards_matches_ddp_and_resumes_after_sigkill(workspace, ddp_run,
         torch.testing.assert_close(model(ids).logits, reference(ids).logits, atol=1e-6, rtol=1e-6)
 
 
-def test_fsdp_with_lora_and_activation_checkpointing_matches_one_process(workspace, tmp_path):  # noqa: F811
+def test_fsdp_with_lora_and_activation_checkpointing_matches_one_process(workspace, tmp_path):
     import train
 
     data = ["--model_name_or_path", str(workspace / "base"), "--train_file", str(workspace / "chats.jsonl"),
@@ -156,7 +160,7 @@ def test_fsdp_with_lora_and_activation_checkpointing_matches_one_process(workspa
 
 
 @pytest.mark.parametrize("engine", ["ddp", "fsdp", "zero3"])
-def test_two_machines_on_localhost_match_one_machine(workspace, ddp_run, tmp_path, engine):  # noqa: F811
+def test_two_machines_on_localhost_match_one_machine(workspace, ddp_run, tmp_path, engine):
     out, port = tmp_path / "nodes", free_port()
     how = {"ddp": ["--multi_gpu"], "fsdp": ["--config_file", str(CONFIGS / "fsdp.yaml")],
            # torchrun on each machine, as the DDP and FSDP launches (accelerate's default for DeepSpeed is pdsh)
@@ -181,26 +185,25 @@ def test_two_machines_on_localhost_match_one_machine(workspace, ddp_run, tmp_pat
     assert_same_weights(weights(out), weights(ddp_run), atol=WEIGHT_ATOL)
 
 
-def test_cpu_launch_that_starts_fewer_processes_stops(workspace, tmp_path):  # noqa: F811
+def test_cpu_launch_that_starts_fewer_processes_stops(workspace, tmp_path):
     out = tmp_path / "cpu"
     result = run_script(pretrain_args(workspace, out),
                         launcher=[ACCELERATE, "launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
                                   "--mixed_precision", "no", "--dynamo_backend", "no"])
     assert result.returncode != 0
-    assert "was asked for 2 processes but started 1" in result.stderr
-    assert "accelerate launch --multi_gpu --num_processes 2 train.py" in result.stderr
+    # The launcher passes no count (reading its command line would be another process's business): the message
+    # says why one process is all there is, and how to start several.
+    assert "`accelerate launch --cpu` was asked for several processes but started 1" in result.stderr
+    assert "accelerate launch --multi_gpu --num_processes N train.py" in result.stderr
     assert not (out / "metrics.jsonl").exists()  # nothing trained
 
 
 def test_deepspeed_batch_accumulation_and_clipping_come_from_the_flags(tmp_path, monkeypatch):
     import json
 
-    import train
-
-    args = train.parse_args(["--config_name", "tiny", "--train_file", "x.txt", "--per_device_train_batch_size", "4",
-                             "--gradient_accumulation_steps", "3", "--max_grad_norm", "0.5"])
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", "accelerate_configs/deepspeed_zero2.json")
-    config = train.deepspeed_plugin(args, world_size=2, on_cpu=True).deepspeed_config
+    # --per_device_train_batch_size 4 --gradient_accumulation_steps 3 --max_grad_norm 0.5
+    config = deepspeed_plugin(4, 3, 0.5, world_size=2, on_cpu=True).deepspeed_config
     assert (config["train_micro_batch_size_per_gpu"], config["gradient_accumulation_steps"],
             config["train_batch_size"], config["gradient_clipping"]) == (4, 3, 24, 0.5)
     assert config["zero_optimization"]["stage"] == 2
@@ -211,4 +214,4 @@ def test_deepspeed_batch_accumulation_and_clipping_come_from_the_flags(tmp_path,
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(path))
     with pytest.raises(ValueError, match="train_micro_batch_size_per_gpu is 16 but --per_device_train_batch_size "
                                          "gives 4"):
-        train.deepspeed_plugin(args, world_size=2, on_cpu=True)
+        deepspeed_plugin(4, 3, 0.5, world_size=2, on_cpu=True)

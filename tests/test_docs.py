@@ -12,7 +12,7 @@ import sys
 import pytest
 from conftest import ROOT, glm, tiny_config, train_to_replay
 
-import data_glm
+from glm_train.data import builtin
 
 README = (ROOT / "README.md").read_text()
 CHAT_DOC = (ROOT / "docs" / "chat.md").read_text()
@@ -21,7 +21,7 @@ DOC_TOOLS = [{"name": "get_weather", "description": "查询天气",
 DOC_SYSTEM = "Answer the following questions as best as you can. You have access to the following tools:"
 DEMO = [
     [{"role": "user", "content": "What is 23 plus 58?"}, {"role": "assistant", "content": "81"}],
-    [{"role": "system", "content": data_glm.SYSTEM_PROMPT, "tools": [data_glm.WEATHER_TOOL]},
+    [{"role": "system", "content": builtin.SYSTEM_PROMPT, "tools": [builtin.WEATHER_TOOL]},
      {"role": "user", "content": "杭州今天天气如何？"},
      {"role": "assistant", "metadata": "get_weather", "content": "```python\ntool_call(city='杭州')\n```"}],
     [{"role": "system", "content": DOC_SYSTEM, "tools": DOC_TOOLS}, {"role": "user", "content": "北京天气怎么样"},
@@ -77,7 +77,7 @@ def test_readme_quick_start_chat_commands(demo_folder):
             assert expected in result.stdout, result.stdout
         else:  # writes weather.json
             subprocess.run(line, shell=True, cwd=demo_folder, check=True)
-    assert json.loads((demo_folder / "weather.json").read_text()) == [data_glm.WEATHER_TOOL]
+    assert json.loads((demo_folder / "weather.json").read_text()) == [builtin.WEATHER_TOOL]
 
 
 def test_chat_doc_tool_call_example(demo_folder):

@@ -145,10 +145,10 @@ def thudm_folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def chats(tmp_path_factory):
-    import data_glm
+    from glm_train.data import builtin
 
     path = tmp_path_factory.mktemp("chats") / "chats.jsonl"
-    rows, _ = data_glm.skill_splits(n_train=200, n_heldout=1, seed=0)
+    rows, _ = builtin.skill_splits(n_train=200, n_heldout=1, seed=0)
     path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
     return path
 
@@ -230,11 +230,9 @@ def glm4_folder(tmp_path_factory):
                          pad_token_id=tokenizer.pad_token_id, rope_ratio=500, layernorm_epsilon=1.5625e-07)
     glm.ChatGLMForConditionalGeneration(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    import argparse
+    from glm_train import publish
 
-    import train
-
-    train.write_engine_config(folder / "config.json", argparse.Namespace(model_name_or_path=None), tokenizer)
+    publish.write_engine_config(folder / "config.json", None, tokenizer)
     assert json.loads((folder / "config.json").read_text())["eos_token_id"] == tokenizer.stop_token_ids  # GLM-4's
     import tiktoken
 
@@ -338,21 +336,17 @@ def test_chatglm_cpp_converts_chatglm3_folders(kind, request, chatglm_cpp, tmp_p
 
 
 def test_train_warns_when_engines_would_compute_another_head_size():
-    import argparse
+    from glm_train import model
 
-    import train
-
-    args = argparse.Namespace(model_name_or_path=None, seed=0, attn_implementation=None, gradient_checkpointing=False,
-                              lora_r=None, lora_alpha=None, lora_dropout=0.0)
-    train.register_auto_classes()  # as main() does
+    model.register_auto_classes()  # as train.py does
     tokenizer = tg.train_glm_tokenizer(["hello world"] * 20, 300)
     with pytest.warns(UserWarning, match="kv_channels 16 != hidden_size 64 / num_attention_heads 8"):
-        train.build_model(args, tiny_config(kv_channels=16), tokenizer)
+        model.build_model(tiny_config(kv_channels=16), tokenizer, seed=0, attn_implementation=None)
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
-        train.build_model(args, tiny_config(kv_channels=8), tokenizer)  # 64 / 8: no warning
+        model.build_model(tiny_config(kv_channels=8), tokenizer, seed=0, attn_implementation=None)  # 64 / 8: no warning
 
 
 ENGINE_CACHE = Path(os.environ.get("GLM_ENGINES_CACHE", Path.home() / ".cache" / "glm-hf-engines"))
@@ -381,16 +375,14 @@ def replay_conversations():
 def save_replay_folder(folder, tokenizer, padded_vocab_size):
     """Train a tiny model on replay_conversations() until greedy decoding gives each reply and then ends the turn
     with <|user|>, and save it with `tokenizer` as train.py writes a folder."""
-    import argparse
-
-    import train
+    from glm_train import publish
 
     conversations, _ = replay_conversations()
     model = train_to_replay(conversations, tokenizer, tiny_config(padded_vocab_size=padded_vocab_size,
                                                                   eos_token_id=tokenizer.stop_token_ids), 300, 0.01)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    train.write_engine_config(folder / "config.json", argparse.Namespace(model_name_or_path=None), tokenizer)
+    publish.write_engine_config(folder / "config.json", None, tokenizer)
     loaded = glm.ChatGLMForConditionalGeneration.from_pretrained(folder).eval()
     for conversation in conversations:  # the premise: real replies, ended by the model itself
         *history, query, reply, _ = conversation

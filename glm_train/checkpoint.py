@@ -1,0 +1,335 @@
+"""The output folder and its checkpoints: what a run may replace there, atomic checkpoints, and resuming.
+
+The loop uses two verbs: `load()` once (the step to continue from) and `save(step)` after every step (a checkpoint
+every `every` steps). Everything before them only reads, so bad input stops a run before the folder changes:
+
+    checkpointer = Checkpointer("output/run", resume_from="latest", every=300)   # reads the folder, decides
+    ... data, tokenizer and model are built ...
+    checkpointer.start(accelerator, new_tokenizer=True)                        # the first write
+    start_step = checkpointer.load(accelerator)
+    for step in range(start_step + 1, total + 1):
+        ...
+        checkpointer.save(step, model)
+
+A checkpoint is written into checkpoints/tmp-step-N (with a started marker), fsynced, marked complete and renamed to
+checkpoints/step-N: a folder without the completion marker is never taken for a checkpoint.
+"""
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+CHECKPOINT_MARKER = "checkpoint_complete.json"
+# Written first into a checkpoint's temporary folder: it tells train.py's own interrupted writes from a user's folder.
+CHECKPOINT_STARTED = "checkpoint_started.json"
+CHECKPOINT_NAME = re.compile(r"step-\d{7}")
+TEMPORARY_CHECKPOINT_NAME = re.compile(r"tmp-step-\d{7}")
+TRAINER_STATE = "trainer_state.json"
+# A from-scratch run's tokenizer: written whole into TOKENIZER_TEMPORARY, renamed to TOKENIZER_COPY by start(), where
+# resumes find it until the finished folder's own tokenizer files replace it.
+TOKENIZER_COPY, TOKENIZER_TEMPORARY = "tokenizer", "tokenizer.tmp"
+# What train.py writes into the output folder (the saved model, card, metrics, the tokenizer working copy); anything
+# else there is a user's file and is never deleted.
+OWN_FILES = {"config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
+             "adapter_config.json", "adapter_model.safetensors", "README.md", "loss_curve.png", "metrics.jsonl",
+             "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+             "added_tokens.json", "chat_template.jinja", "configuration_glm.py", "modeling_glm.py", "chat_glm.py",
+             "tokenization_glm.py"}
+OWN_SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+OWN_FOLDERS = {TOKENIZER_COPY, TOKENIZER_TEMPORARY, "adapter", "runs"}
+
+
+class OutputDirError(ValueError):
+    pass
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss or the weights stopped being finite; the message names the last good checkpoint."""
+
+
+class Checkpointer:
+    """The output folder's policy and the run's checkpoints. Constructing it only reads: it finds the checkpoint to
+    resume (`resume_from`: "latest" or a folder) and decides what `start` removes, raising OutputDirError where
+    starting would replace a run or someone's files."""
+
+    def __init__(self, output_dir, *, resume_from=None, overwrite=False, every=None, keep=2):
+        self.output_dir = Path(output_dir)
+        self.folder = self.output_dir / "checkpoints"
+        self.every, self.keep = every, keep
+        self.resume_from = find_checkpoint(resume_from, self.output_dir)
+        self.remove, self.foreign = check_output_dir(self.output_dir, overwrite, self.resume_from)
+        self.last = None
+        self.accelerator = None
+
+    def tokenizer_folder(self) -> Path:
+        """The tokenizer a resumed from-scratch run trained: the working copy beside its checkpoints, or (a finished
+        run, whose working copy is gone) the run folder's own tokenizer files."""
+        run_dir = self.resume_from.parent.parent
+        for folder in (run_dir / TOKENIZER_COPY, run_dir):
+            if (folder / "tokenizer_config.json").is_file() and (folder / "tokenizer.json").is_file():
+                return folder
+        raise FileNotFoundError(f"cannot resume from {self.resume_from}: the tokenizer its run trained is neither "
+                                f"in {run_dir / TOKENIZER_COPY} nor in {run_dir}; give it with --tokenizer_name")
+
+    def stage_tokenizer(self, accelerator, train_tokenizer) -> Path:
+        """A new from-scratch tokenizer: the main process trains it (`train_tokenizer()`) and writes it whole into
+        TOKENIZER_TEMPORARY (fsynced; start() renames it into place); returns that folder, for every process."""
+        temporary = self.output_dir / TOKENIZER_TEMPORARY
+        if accelerator.is_main_process:
+            tokenizer = train_tokenizer()
+            if temporary.exists():
+                shutil.rmtree(temporary)  # an interrupted earlier copy
+            tokenizer.save_pretrained(temporary)
+            fsync_tree(temporary)
+        accelerator.wait_for_everyone()
+        return temporary
+
+    def start(self, accelerator, new_tokenizer: bool):
+        """The first change to the folder, once data, tokenizer and model are ready: create it, remove what the
+        constructor planned, and rename a from-scratch run's new tokenizer copy into place."""
+        self.accelerator = accelerator
+        # A checkpoint that cannot be resumed exactly is refused before the folder changes.
+        self.start_step = check_checkpoint(self.resume_from, accelerator.num_processes) if self.resume_from else 0
+        work, temporary = self.output_dir / TOKENIZER_COPY, self.output_dir / TOKENIZER_TEMPORARY
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            if self.foreign:
+                accelerator.print(f"note: {self.output_dir} also holds files train.py did not write; left "
+                                  f"untouched: {_listing(self.output_dir, self.foreign)}")
+            for path in self.remove:
+                if path.is_dir():
+                    shutil.rmtree(path)
+                elif path.exists():
+                    path.unlink()
+            if new_tokenizer:
+                if work.exists():
+                    shutil.rmtree(work)  # a new run's: no checkpoint uses the old copy (check_output_dir)
+                os.rename(temporary, work)
+                fsync_dir(self.output_dir)
+            elif temporary.exists():
+                shutil.rmtree(temporary)  # an interrupted copy of an earlier start
+        accelerator.wait_for_everyone()
+        self.last = self.resume_from or (complete_checkpoints(self.folder)[-1:] or [None])[0]
+
+    def load(self, accelerator) -> int:
+        """Restore the prepared model, optimizer, scheduler and RNG states from the checkpoint being resumed and
+        return its step (0 for a new run)."""
+        if self.resume_from is None:
+            return 0
+        accelerator.load_state(str(self.resume_from))
+        accelerator.print(f"resumed from {self.resume_from} at step {self.start_step}")
+        return self.start_step
+
+    def save(self, step: int, model) -> bool:
+        """A checkpoint of `step` when one is due (every `every` steps), after checking that the weights are finite;
+        keeps the newest `keep`. Returns whether it wrote one."""
+        if not (self.every and step % self.every == 0):
+            return False
+        self.ensure_finite(model, step)
+        self.last = save_checkpoint(self.accelerator, self.folder, step, {"step": step}, self.keep)
+        return True
+
+    def ensure_finite(self, model, step: int):
+        """The loss was computed before the optimizer step, so only the weights show whether that step broke them.
+        Raises NonFiniteLoss naming the parameters and the last good checkpoint."""
+        import torch
+
+        accelerator = self.accelerator
+        bad = [name for name, p in model.named_parameters()
+               if p.requires_grad and not torch.isfinite(p.detach()).all()]
+        total = accelerator.reduce(torch.tensor(float(len(bad)), device=accelerator.device), "sum").item()
+        if total:
+            names = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "") if bad else \
+                "(on another process)"
+            accelerator.end_training()
+            raise NonFiniteLoss(f"weights are not finite after step {step} ({names}): stopping before saving them. "
+                                f"The last good checkpoint is {self.last_description()}; lower --learning_rate or "
+                                "check the data, then resume with --resume_from_checkpoint.")
+
+    def last_description(self) -> str:
+        return str(self.last) if self.last else "none (no checkpoint was written yet)"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The output folder at start: refuse to replace a run or a user's files (run_clm's --overwrite_output_dir rule).
+
+def _own_checkpoint_entry(path: Path) -> bool:
+    """A complete checkpoint, or an interrupted write of one (empty, or carrying the started marker)."""
+    if not path.is_dir():
+        return False
+    if CHECKPOINT_NAME.fullmatch(path.name):
+        return (path / CHECKPOINT_MARKER).is_file()
+    if TEMPORARY_CHECKPOINT_NAME.fullmatch(path.name):
+        return (path / CHECKPOINT_STARTED).is_file() or not any(path.iterdir())
+    return False
+
+
+def inspect_output_dir(folder: Path):
+    """(own, foreign): train.py's entries in `folder` (checkpoints/ entries one by one) and everything else."""
+    own, foreign = [], []
+    if folder.exists() and not folder.is_dir():
+        raise OutputDirError(f"--output_dir {folder} is a file, not a folder")
+    if not folder.is_dir():
+        return own, foreign
+    for entry in sorted(folder.iterdir()):
+        if entry.name == "checkpoints" and entry.is_dir():
+            for item in sorted(entry.iterdir()):
+                (own if _own_checkpoint_entry(item) else foreign).append(item)
+        elif (entry.is_file() and (entry.name in OWN_FILES or OWN_SHARD.fullmatch(entry.name))) or \
+                (entry.is_dir() and entry.name in OWN_FOLDERS):
+            own.append(entry)
+        else:
+            foreign.append(entry)
+    return own, foreign
+
+
+def _listing(folder: Path, paths) -> str:
+    names = [str(p.relative_to(folder)) + ("/" if p.is_dir() else "") for p in paths]
+    return ", ".join(names[:15]) + (f" and {len(names) - 15} more" if len(names) > 15 else "")
+
+
+def check_output_dir(folder: Path, overwrite: bool, checkpoint):
+    """(what start removes, the user's files it leaves); raises OutputDirError (naming the folder and the files
+    found) where starting would replace a run or someone's files. Reads only; runs before any write.
+
+    - Empty or new folder: fine. Interrupted writes of train.py (checkpoints/tmp-step-N with its started marker,
+      tokenizer.tmp) are always removed.
+    - Resuming (a checkpoint found): everything is kept; other files are left as they are.
+    - A complete checkpoint and neither flag: refused, saying how to resume or start over (no auto-resume).
+    - Any other content: refused without --overwrite_output_dir; with it train.py's own files are removed first and
+      the others are left untouched. A foreign entry inside checkpoints/ is always refused (its names are ours).
+    """
+    folder = Path(folder)
+    own, foreign = inspect_output_dir(folder)
+    intruders = [p for p in foreign if p.parent.name == "checkpoints" and p.parent.parent == folder]
+    if intruders:
+        raise OutputDirError(f"--output_dir {folder}: {_listing(folder, intruders)} in checkpoints/ is not a "
+                             "checkpoint train.py wrote (no completion or started marker); checkpoints/ is "
+                             "train.py's own folder, so move it out and start again")
+    # tokenizer.tmp is start()'s to handle (by then it may hold this run's new copy).
+    own = [p for p in own if p.name != TOKENIZER_TEMPORARY]
+    stale = [p for p in own if TEMPORARY_CHECKPOINT_NAME.fullmatch(p.name)]
+    kept = [p for p in own if p not in stale]
+    if checkpoint is not None:
+        return stale, foreign
+    if overwrite:
+        print(f"--overwrite_output_dir: replacing train.py's files in {folder}: {_listing(folder, own) or 'none'}")
+        # Checkpoints first: a kill while removing never leaves a checkpoint without its run's tokenizer copy.
+        return sorted(own, key=lambda p: p.parent.name != "checkpoints"), foreign
+    complete = [p for p in kept if CHECKPOINT_NAME.fullmatch(p.name)]
+    if complete:
+        raise OutputDirError(f"--output_dir {folder} holds a run with a complete checkpoint ({complete[-1].name}; "
+                             f"files found: {_listing(folder, kept + foreign)}); nothing was changed. Pass "
+                             "--resume_from_checkpoint latest to continue it, or --overwrite_output_dir to start "
+                             "over (train.py's own files there are replaced, others left untouched).")
+    if kept or foreign:
+        raise OutputDirError(f"--output_dir {folder} is not empty: it holds {_listing(folder, kept + foreign)}; "
+                             "nothing was changed. Use another folder, or pass --overwrite_output_dir to replace "
+                             "train.py's own files there (other files are never deleted).")
+    return stale, []
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoints: written into a temporary folder, fsynced, marked complete, then renamed into place.
+
+def fsync_tree(folder: Path):
+    """Every file and folder under `folder` on disk (the tests stop a run here to leave a half-written folder)."""
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+    for directory in [folder, *[p for p in folder.rglob("*") if p.is_dir()]]:
+        fsync_dir(directory)
+
+
+def fsync_dir(folder: Path):
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def mark_complete(temporary: Path, step: int):
+    """The completion marker, the last file of a checkpoint (the tests stop a run here, before it)."""
+    with open(temporary / CHECKPOINT_MARKER, "w") as f:
+        json.dump({"step": step}, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def complete_checkpoints(folder: Path):
+    """Checkpoints that carry the completion marker, oldest first."""
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if CHECKPOINT_NAME.fullmatch(p.name) and (p / CHECKPOINT_MARKER).is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def save_checkpoint(accelerator, folder: Path, step: int, state: dict, total_limit: int) -> Path:
+    """accelerator.save_state of every process into checkpoints/tmp-step-N, then (main process) the trainer state,
+    fsync, the completion marker and the rename to step-N; keeps the newest `total_limit` (0: all)."""
+    final = folder / f"step-{step:07d}"
+    temporary = folder / f"tmp-step-{step:07d}"
+    if accelerator.is_main_process:
+        if temporary.exists():
+            shutil.rmtree(temporary)  # ours: check_output_dir refuses anything else under checkpoints/
+        temporary.mkdir(parents=True)
+        (temporary / CHECKPOINT_STARTED).write_text(json.dumps({"step": step}))
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(temporary))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        with open(temporary / TRAINER_STATE, "w") as f:
+            json.dump(state, f)
+        fsync_tree(temporary)
+        mark_complete(temporary, step)
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(temporary, final)
+        fsync_dir(folder)
+        for old in complete_checkpoints(folder)[:-total_limit] if total_limit > 0 else []:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def find_checkpoint(resume_from, output_dir: Path):
+    """The folder to resume from, or None (no --resume_from_checkpoint, or 'latest' with nothing complete yet)."""
+    if resume_from in (None, ""):
+        return None
+    if resume_from == "latest":
+        found = complete_checkpoints(Path(output_dir) / "checkpoints")
+        return found[-1] if found else None
+    path = Path(resume_from)
+    if not (path / CHECKPOINT_MARKER).exists():
+        raise ValueError(f"--resume_from_checkpoint {path} is not a complete checkpoint (no {CHECKPOINT_MARKER})")
+    return path
+
+
+def check_checkpoint(checkpoint: Path, num_processes: int) -> int:
+    """What accelerate's load_state would skip silently: every process's RNG file must be there and readable (an
+    exact resume needs them), and the step must be known. Returns the step; raises naming the file."""
+    from accelerate.utils import load
+
+    for index in range(num_processes):
+        path = checkpoint / f"random_states_{index}.pkl"
+        try:
+            states = load(path)
+            missing = [key for key in ("random_state", "numpy_random_seed", "torch_manual_seed") if key not in states]
+        except Exception as error:  # noqa: BLE001  any unreadable file is reported the same way
+            raise ValueError(f"cannot resume from {checkpoint}: the RNG state {path} is unreadable "
+                             f"({type(error).__name__}: {error}); resume from another checkpoint") from None
+        if missing:
+            raise ValueError(f"cannot resume from {checkpoint}: the RNG state {path} lacks {missing}")
+    try:
+        step = json.loads((checkpoint / TRAINER_STATE).read_text())["step"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"cannot resume from {checkpoint}: {checkpoint / TRAINER_STATE} is unreadable "
+                         f"({type(error).__name__}: {error})") from None
+    if not (isinstance(step, int) and step >= 0):
+        raise ValueError(f"cannot resume from {checkpoint}: {checkpoint / TRAINER_STATE} step is {step!r}")
+    return step

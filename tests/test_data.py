@@ -1,0 +1,189 @@
+"""glm_train/data: every source read as written and checked row by row (file and line named), SFT labels exactly
+the replies, pretraining pieces, the built-in data's held-out split."""
+
+import json
+import re
+
+import pytest
+from conftest import glm
+from train_helpers import common, losses, write_jsonl
+
+import train
+from glm_train import data
+from glm_train.data import batches, builtin, preprocess, sources
+
+
+def test_sft_labels_are_exactly_the_replies_and_their_stop_tokens(workspace):
+    tokenizer = glm.ChatGLMTokenizer.from_pretrained(workspace / "base")
+    conversation = builtin.weather_conversation(0, 0, "en", __import__("random").Random(0))
+    dataset = __import__("datasets").Dataset.from_list([{"conversations": conversation}])
+    row = preprocess.tokenize_sft(dataset, tokenizer, "conversations", block_size=256)[0]  # the whole conversation
+    ids, labels = row["input_ids"], row["labels"]
+    assistant, user, observation = (tokenizer.get_command(f"<|{r}|>") for r in ("assistant", "user", "observation"))
+    # Expected from the spec: after each <|assistant|>, everything up to and including the next stop token.
+    expected, inside = [], False
+    for token in ids:
+        if inside:
+            expected.append(token)
+            inside = token not in (tokenizer.eos_token_id, user, observation)
+        else:
+            expected.append(-100)
+            inside = token == assistant
+    assert labels == expected
+    replies = [tokenizer.decode([t for t in labels if t != -100])]
+    assert "tool_call(city='Beijing')" in replies[0] and "Beijing: " in replies[0]
+    assert sum(t in (tokenizer.eos_token_id, observation) for t in labels) == 2
+    # The loss counts exactly these targets (shifted by one).
+    batch = batches.Collator(tokenizer.pad_token_id)([row, {"input_ids": ids[:5], "labels": labels[:5]}])
+    assert int((batch["labels"][:, 1:] != -100).sum()) == sum(t != -100 for t in labels[1:])
+
+
+def test_builtin_heldout_is_disjoint_from_training():
+    train_rows, heldout = builtin.skill_splits(n_train=5000, n_heldout=150, seed=0)
+    seen = {json.dumps(r["conversations"][:-1] if len(r["conversations"]) == 2 else r["conversations"][:2],
+                       ensure_ascii=False) for r in train_rows}
+    for row in heldout:
+        assert json.dumps(row["conversations"][:-1], ensure_ascii=False) not in seen
+
+
+def test_openai_format_rows_train_as_their_chatglm3_form(workspace, tmp_path):
+    """A `messages` column with OpenAI's tool calls (content null, JSON-string arguments), role `tool` and a `tools`
+    column trains exactly as the same conversations in the ChatGLM3 format."""
+    import ast
+    import re
+
+    rows, _ = builtin.skill_splits(n_train=48, n_heldout=3, seed=1, tool_fraction=0.5)
+    files = {"glm": tmp_path / "glm.jsonl", "openai": tmp_path / "openai.jsonl"}
+    with open(files["glm"], "w") as glm_file, open(files["openai"], "w") as openai_file:
+        for row in rows:
+            chatglm3, openai, tools = [], [], None
+            for message in row["conversations"]:
+                call = re.search(r"tool_call\(city=(.+)\)", message["content"])
+                if message["role"] == "assistant" and call:
+                    arguments = {"city": ast.literal_eval(call.group(1))}
+                    chatglm3.append({"role": "assistant", "metadata": "get_weather",
+                                     "content": glm.tokenization.format_tool_call("get_weather", arguments)[1]})
+                    openai.append({"role": "assistant", "content": None, "tool_calls": [
+                        {"type": "function", "function": {"name": "get_weather", "arguments": json.dumps(arguments)}}]})
+                elif message["role"] == "observation":
+                    chatglm3.append(message)
+                    openai.append({"role": "tool", "tool_call_id": "call_0", "content": message["content"]})
+                elif message["role"] == "system":
+                    chatglm3.append(message)
+                    openai.append({"role": "system", "content": message["content"]})
+                    tools = json.dumps(message["tools"])
+                else:
+                    chatglm3.append(message)
+                    openai.append(message)
+            glm_file.write(json.dumps({"conversations": chatglm3}, ensure_ascii=False) + "\n")
+            openai_file.write(json.dumps({"messages": openai, "tools": tools}, ensure_ascii=False) + "\n")
+    for name, path in files.items():
+        train.main(common(workspace, tmp_path / name, "--train_file", str(path), "--max_train_steps", "3",
+                          "--per_device_train_batch_size", "8", "--block_size", "128"))
+    assert losses(tmp_path / "glm") == losses(tmp_path / "openai") and len(losses(tmp_path / "glm")) == 3
+
+
+GOOD = {"conversations": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+
+
+@pytest.mark.parametrize("case, message", [
+    ("malformed_line", r"data.jsonl line 2 column 2: malformed JSON line"),
+    ("invalid_utf8", r"data.jsonl line 3: invalid UTF-8"),
+    ("not_an_object", r"data.jsonl line 2: expected a JSON object"),
+    ("content_int", r"malformed conversation in .*data.jsonl line 3: message 1: content must be a string, got int"),
+    ("bad_role", r"data.jsonl line 2: message 0: unknown role 'robot'"),
+    ("not_a_list", r"data.jsonl line 2: expected a non-empty list of messages"),
+    ("no_assistant", r"data.jsonl line 2: no assistant message"),
+    ("bad_tool_call", r"data.jsonl line 2: message 1: tool call parameters must be a dict, got list"),
+    ("pretrain_number", r"data.jsonl line 2: text column 'text' must be a string, got int"),
+])
+def test_bad_file_or_row_is_named_before_any_write(workspace, tmp_path, case, message):
+    path = tmp_path / "data.jsonl"
+    line = {"malformed_line": "{bad json", "not_an_object": "[1, 2]",
+            "bad_role": json.dumps({"conversations": [{"role": "robot", "content": "x"}]}),
+            "not_a_list": json.dumps({"conversations": {"role": "user"}}),
+            "no_assistant": json.dumps({"conversations": [{"role": "user", "content": "x"}]}),
+            "bad_tool_call": json.dumps({"conversations": [{"role": "user", "content": "x"}, {
+                "role": "assistant", "content": {"name": "get_weather", "parameters": ["北京"]}}]}),
+            }.get(case)
+    if case == "invalid_utf8":
+        path.write_bytes((json.dumps(GOOD) + "\n" + json.dumps(GOOD) + "\n").encode() + b'{"text": "\xff"}\n')
+    elif case == "content_int":
+        write_jsonl(path, [GOOD, GOOD, {"conversations": [{"role": "user", "content": "x"},
+                                                          {"role": "assistant", "content": 146}]}])
+    elif case == "pretrain_number":
+        write_jsonl(path, [{"text": "fine"}, {"text": 146}])
+    else:
+        path.write_text(json.dumps(GOOD) + "\n" + line + "\n")
+    out = tmp_path / "out"
+    # From scratch (the tokenizer would be trained on these rows), so the check must come before that.
+    argv = ["--config_name", str(workspace / "tiny.json"), "--train_file", str(path), "--output_dir", str(out),
+            "--max_train_steps", "1", "--tokenizer_vocab_size", "400"]
+    with pytest.raises(ValueError, match=message):
+        train.main(argv)
+    assert not out.exists()
+
+
+def test_json_strings_stay_strings_and_dict_tool_calls_train(workspace, tmp_path):
+    rows = [{"conversations": [{"role": "user", "content": '"quoted"'}, {"role": "assistant", "content": "146"}]},
+            {"conversations": [{"role": "system", "content": "tools", "tools": [builtin.WEATHER_TOOL]},
+                               {"role": "user", "content": "北京天气"},
+                               {"role": "assistant", "content": {"name": "get_weather",
+                                                                 "parameters": {"city": "北京", "days": 3}}},
+                               {"role": "observation", "content": "{\"weather\": \"sunny\"}"},
+                               {"role": "assistant", "content": "sunny"}]}]
+    path = write_jsonl(tmp_path / "mixed.jsonl", rows * 8)
+    source = sources.load_source(train_file=str(path))
+    sources.check_rows(source, "sft", "text", "conversations")
+    # The conversations come back exactly as the file holds them (json.loads of each line is the reference).
+    assert [sources.conversation_of(v) for v in source.splits["train"]["conversations"][:2]] == \
+        [r["conversations"] for r in rows]
+    tokenizer = glm.ChatGLMTokenizer.from_pretrained(workspace / "base")
+    tokenized = preprocess.tokenize_sft(source.splits["train"].select(range(2)), tokenizer, "conversations", block_size=256)
+    for row, conversation in zip(tokenized, rows):
+        assert row["input_ids"] == tokenizer.tokenize_conversation(conversation["conversations"])["input_ids"]
+    texts = list(sources.conversation_texts(source.splits["train"].select(range(2))))
+    assert '"quoted"' in texts and "146" in texts and '```python\ntool_call(city="北京", days=3)\n```' in texts
+    # The dict form of a tool call trains a tokenizer from scratch end to end.
+    out = tmp_path / "out"
+    train.main(["--config_name", str(workspace / "tiny.json"), "--train_file", str(path), "--output_dir", str(out),
+                "--max_train_steps", "1", "--tokenizer_vocab_size", "400", "--per_device_train_batch_size", "4",
+                "--block_size", "128"])
+    assert (out / "model.safetensors").exists()
+
+
+def test_long_lines_are_cut_into_pieces_of_one_document():
+    text = ("word " * 3000 + "\n") + "x" * 10000 + "中文" * 3000
+    pieces = list(preprocess.text_pieces(text))
+    assert "".join(pieces) == text and all(len(p) <= preprocess.TEXT_PIECE_CHARS for p in pieces)
+    assert pieces[0].endswith(" ") is False and pieces[0].startswith("word")  # cut before a space
+    assert any(p.endswith("\n") for p in pieces)  # cut after the newline
+    split = preprocess.split_long_texts({"text": [text, "short"]}, "text")
+    assert split["continues"] == [True] * (len(pieces) - 1) + [False, False]
+    tokenizer = glm.tokenization.train_glm_tokenizer(["word x 中文"] * 50, vocab_size=300)
+    docs = __import__("datasets").Dataset.from_dict({"input_ids": [[5, 6], [7], [8]],
+                                                    "continues": [True, False, False]})
+    packed = preprocess.pack_docs(docs, tokenizer.eos_token_id, 3)
+    eos = tokenizer.eos_token_id
+    assert packed["input_ids"] == [[5, 6, 7], [eos, 8, eos]]  # no eos inside the first document
+
+
+def test_a_local_folder_as_dataset_name_keeps_strings_and_names_the_line(tmp_path):
+    """--dataset_name with a local folder of JSONL files goes through the same reader as --train_file: its splits as
+    datasets.load_dataset finds them (train*/validation* names), strings as strings, a bad row named by file and
+    line. datasets' own json builder would give '"quoted"' back as quoted and "146" as the int 146."""
+    rows = [{"conversations": [{"role": "user", "content": '"quoted"'}, {"role": "assistant", "content": "146"}]},
+            {"conversations": [{"role": "user", "content": "7"}, {"role": "assistant", "content": "null"}]}]
+    folder = tmp_path / "chats"
+    folder.mkdir()
+    write_jsonl(folder / "train.jsonl", rows * 3)
+    write_jsonl(folder / "validation.jsonl", rows[:1])
+    source = sources.load_source(dataset_name=str(folder))
+    assert sorted(source.splits) == ["train", "validation"] and len(source.splits["train"]) == 6
+    sources.check_rows(source, "sft", "text", "conversations")
+    read = [sources.conversation_of(v) for v in source.splits["train"]["conversations"][:2]]
+    assert read == [r["conversations"] for r in rows]  # json.loads of each line is the reference
+    bad = {"conversations": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "y"}]}
+    write_jsonl(folder / "train.jsonl", rows + [bad])
+    with pytest.raises(ValueError, match=re.escape(f"{folder / 'train.jsonl'} line 3") + ".*unknown role 'robot'"):
+        data.load_rows(dataset_name=str(folder))
