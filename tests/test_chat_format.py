@@ -15,77 +15,11 @@ from conftest import ROOT, glm, tiny_config
 from tokenizers import Tokenizer
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from test_tokenization import glm3, glm4, glm4_folder, sp, sp_model, trained  # noqa: F401  (fixtures)
+from text_helpers import TOOLS, random_conversation
+from text_helpers import glm3, glm4, glm4_folder, sp, sp_model, trained  # noqa: F401  (fixtures)
 
 tg = glm.tokenization
 TRANSFORMERS_4 = transformers.__version__.startswith("4.")
-TOOLS = [{"name": "get_weather", "description": "查询天气",
-          "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}]
-# No control-token strings (nor the word "sop", ChatGLM3's control token): typed inside content, a rendered text
-# can't tell them from the real ones.
-CONTENTS = ["", " ", "  two leading", "\nnewline first", "trailing  ", "你好", "😀𠀋", "x = 1\n\ty = 2", "Aesop",
-            "北京 20 度", "What is 2+2?", "a\n\nb"]
-ARGUMENTS = [{"city": "北京"}, {"city": "Paris", "days": 3, "metric": True, "note": None}, {},
-             {"q": ["a", 1.5, {"k": False}]}]
-
-
-def _content(rng, glm4):
-    text = rng.choice(CONTENTS)
-    # GLM-4 has no dummy prefix: "\n" + a content starting with a blank line merges as one text, so the text
-    # template (like GLM-4's own) can't give build_chat_input's ids there (docs/tokenizer.md).
-    return "x" + text if glm4 and text.lstrip(" \t").startswith("\n") else text
-
-
-def tool_call_turn(rng, glm4, forms=("glm", "openai", "openai-json-string")):
-    """An assistant tool call and its result, in one of the accepted forms, plus the GLM-format equivalent."""
-    arguments, name = rng.choice(ARGUMENTS), "get_weather"
-    result = json.dumps({"temperature": rng.randrange(30)})
-    glm_form = [{"role": "assistant", "metadata": name, "content": {"name": name, "parameters": arguments}},
-                {"role": "observation", "content": result}]
-    form = rng.choice(forms)
-    if form == "glm":
-        return glm_form, glm_form
-    call = {"type": "function", "function": {"name": name, "arguments": arguments}}
-    if form == "openai-json-string":
-        call["function"]["arguments"] = json.dumps(arguments, ensure_ascii=False)
-    openai = [{"role": "assistant", "content": None, "tool_calls": [call]},
-              {"role": "tool", "name": name, "tool_call_id": "call_0", "content": result}]
-    return openai, glm_form
-
-
-def random_conversation(rng, glm4, end, **forms):
-    """(messages, tools=, the same conversation in the GLM format with tools in the system message)."""
-    messages, same, tools = [], [], None
-    kind = rng.choice(["system-tools", "tools=", "system", "system+tools=", "none"])
-    if kind in ("system-tools", "system", "system+tools="):
-        system = {"role": "system", "content": _content(rng, glm4) or "You are a helpful assistant."}
-        messages.append(dict(system, tools=TOOLS) if kind == "system-tools" else system)
-        same.append(dict(system, tools=TOOLS) if kind != "system" else system)
-    if kind in ("tools=", "system+tools="):
-        tools = TOOLS
-    if kind == "tools=":
-        same.append({"role": "system", "content": json.dumps(TOOLS, indent=4, ensure_ascii=False)})
-    for turn in range(rng.randint(1, 3)):
-        user = {"role": "user", "content": _content(rng, glm4)}
-        messages.append(user)
-        same.append(user)
-        if turn == 0 and end in ("observation", "tool") or rng.random() < 0.4:
-            given, glm_form = tool_call_turn(rng, glm4, **forms)
-            messages += given
-            same += glm_form
-            if end in ("observation", "tool") and turn == 0:
-                return messages, tools, same
-        reply = {"role": "assistant", "content": _content(rng, glm4)}
-        if rng.random() < 0.2:
-            reply["metadata"] = "interpreter"
-        messages.append(reply)
-        same.append(reply)
-    if end == "user":
-        messages.append({"role": "user", "content": _content(rng, glm4)})
-        same.append(messages[-1])
-    return messages, tools, same
-
-
 def conversations(tokenizer, n, seed=0):
     rng = random.Random(seed)
     for i in range(n):

@@ -3,44 +3,16 @@ native round trip through the command line keeps every weight."""
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
 
 import pytest
 import torch
-from conftest import ROOT, glm, reference_file, tiny_config
+from conftest import ROOT, glm, tiny_config
 
 import convert_glm
-
-
-def _thudm_folder(folder, tokenizer_config_name):
-    """A tiny model laid out like THUDM/chatglm3-6b: fp16 .bin shards with the index, the saved inv_freq, the
-    original auto_map naming THUDM's files, and the published tokenizer files."""
-    folder.mkdir()
-    config = tiny_config(padded_vocab_size=65024, num_layers=2, hidden_size=32, num_attention_heads=4,
-                         kv_channels=8, ffn_hidden_size=48)
-    torch.manual_seed(0)
-    model = glm.ChatGLMForConditionalGeneration(config).half()
-    state = dict(model.state_dict())
-    state["transformer.rotary_pos_emb.inv_freq"] = torch.ones(config.kv_channels // 4, dtype=torch.float16)
-    names = sorted(state)
-    shards = {"pytorch_model-00001-of-00002.bin": names[: len(names) // 2],
-              "pytorch_model-00002-of-00002.bin": names[len(names) // 2:]}
-    for shard, keys in shards.items():
-        torch.save({key: state[key].clone() for key in keys}, folder / shard)
-    index = {"metadata": {"total_size": sum(t.numel() * 2 for t in state.values())},
-             "weight_map": {key: shard for shard, keys in shards.items() for key in keys}}
-    (folder / "pytorch_model.bin.index.json").write_text(json.dumps(index))
-    published = json.loads(reference_file("chatglm3-6b", "config.json").read_text())
-    small = {k: config.to_dict()[k] for k in ("num_layers", "hidden_size", "num_attention_heads", "kv_channels",
-                                              "ffn_hidden_size", "multi_query_group_num")}
-    published.update(small)  # auto_map still names configuration_chatglm / modeling_chatglm
-    (folder / "config.json").write_text(json.dumps(published))
-    shutil.copy(reference_file("chatglm3-6b", tokenizer_config_name), folder / "tokenizer_config.json")
-    shutil.copy(reference_file("chatglm3-6b", "tokenizer.model"), folder / "tokenizer.model")
-    return model.float(), published
+from text_helpers import _thudm_folder
 
 
 @pytest.mark.parametrize("tokenizer_config_name", ["tokenizer_config.json", "tokenizer_config.latest.json"])

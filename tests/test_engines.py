@@ -134,7 +134,7 @@ def check_gguf(path, folder, tokenizer):
 @pytest.fixture(scope="module")
 def thudm_folder(tmp_path_factory):
     """A tiny THUDM/chatglm3-6b-style checkpoint with our code beside it (convert_glm.py --to code)."""
-    from test_convert import _thudm_folder
+    from text_helpers import _thudm_folder
 
     folder = tmp_path_factory.mktemp("thudm") / "chatglm3"
     _thudm_folder(folder, "tokenizer_config.json")
@@ -217,7 +217,7 @@ def glm4_folder(tmp_path_factory):
     """A GLM-4-style folder: a small byte-level ranks file in tiktoken's format (we do not have the real 151,329-rank
     one), GLM-4's special tokens and config values, written by train.py's engine-config step. Returns (folder,
     ranks)."""
-    from test_tokenization import train_ranks
+    from text_helpers import train_ranks
 
     from benchmarks.bench_tokenizer import mixed_text
 
@@ -407,7 +407,7 @@ def replay_folder(tmp_path_factory):
 @pytest.fixture(scope="module")
 def glm4_replay_folder(tmp_path_factory):
     """The same replies from a GLM-4-style folder: a byte-level ranks file trained on them (tiktoken's format)."""
-    from test_tokenization import train_ranks
+    from text_helpers import train_ranks
 
     conversations, system = replay_conversations()
     ranks = train_ranks([m["content"] for c in conversations for m in c] + [system], vocab_size=400)
@@ -502,7 +502,7 @@ def openai_requests(glm4, n, seed=0):
     tool turn."""
     import random
 
-    from test_chat_format import random_conversation
+    from text_helpers import random_conversation
 
     rng, requests = random.Random(seed), []
     while len(requests) < n:

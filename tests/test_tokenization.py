@@ -1,7 +1,6 @@
 """tokenization_glm.py: ids identical to SentencePiece (ChatGLM3) and tiktoken (GLM-4), the chat format, streaming,
 training, and save/load through AutoTokenizer on the installed transformers (4.57 and 5.x)."""
 
-import base64
 import json
 import random
 import re
@@ -16,6 +15,7 @@ from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
 from benchmarks.bench_tokenizer import mixed_text, vocabulary_words
+from text_helpers import BILINGUAL, glm3, glm4, glm4_folder, sp, sp_model, trained  # noqa: F401  (fixtures)
 
 tg = glm.tokenization
 GLM3_PROMPT = [64790, 64792, 64795, 30910, 13, 36474, 54591, 64796]  # [gMASK]sop<|user|>\n 你好<|assistant|>
@@ -34,47 +34,7 @@ ANY_TEXT = st.one_of(
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Fixtures: the real ChatGLM3 model, a small GLM-4 ranks file trained here, a trained ChatGLM3-style tokenizer
-
-
-@pytest.fixture(scope="module")
-def sp_model():
-    return reference_file("chatglm3-6b", "tokenizer.model")
-
-
-@pytest.fixture(scope="module")
-def sp(sp_model):
-    import sentencepiece
-
-    return sentencepiece.SentencePieceProcessor(model_file=str(sp_model))
-
-
-@pytest.fixture(scope="module")
-def glm3(sp_model):
-    return tg.ChatGLMTokenizer(vocab_file=str(sp_model))
-
-
-def train_ranks(texts, vocab_size):
-    """A tiny byte-level BPE in tiktoken's terms: bytes -> rank, ranks in merge order."""
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
-
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(tg.GLM4_SPLIT_PATTERN), "isolated"),
-                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
-    bpe.train_from_iterator(texts, trainer)
-    byte_of = {char: byte for byte, char in tg._bytes_to_unicode().items()}
-    return {bytes(byte_of[char] for char in token): rank for token, rank in bpe.get_vocab().items()}
-
-
-@pytest.fixture(scope="module")
-def glm4_folder(tmp_path_factory):
-    ranks = train_ranks([mixed_text(500, seed=i) for i in range(400)], vocab_size=1200)
-    folder = tmp_path_factory.mktemp("glm4")
-    lines = [f"{base64.b64encode(token).decode()} {rank}\n" for token, rank in ranks.items()]
-    (folder / "tokenizer.model").write_text("".join(lines))  # in rank order, as tiktoken writes it
-    return folder, ranks
+# tiktoken over text_helpers' GLM-4 ranks file, the oracle of the GLM-4 tests
 
 
 @pytest.fixture(scope="module")
@@ -84,23 +44,6 @@ def tiktoken_encoding(glm4_folder):
     _, ranks = glm4_folder
     specials = {token: len(ranks) + i for i, token in enumerate(tg.GLM4_SPECIAL_TOKENS)}
     return tiktoken.Encoding("glm4-test", pat_str=tg.GLM4_SPLIT_PATTERN, mergeable_ranks=ranks, special_tokens=specials)
-
-
-@pytest.fixture(scope="module")
-def glm4(glm4_folder):
-    return tg.ChatGLMTokenizer(vocab_file=str(glm4_folder[0] / "tokenizer.model"))
-
-
-BILINGUAL = ["The quick brown fox jumps over the lazy dog.", "今天天气很好，我们去公园散步吧。",
-             "def add(a, b):\n    return a + b  # 12345\n", "机器学习 machine learning 模型 model 😀"]
-
-
-@pytest.fixture(scope="module")
-def trained():
-    import datasets
-
-    column = datasets.Dataset.from_dict({"text": BILINGUAL * 30})["text"]  # a datasets column, as users pass it
-    return tg.train_glm_tokenizer(column, vocab_size=500)
 
 
 # ---------------------------------------------------------------------------------------------------------------
