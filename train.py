@@ -10,10 +10,12 @@ tokenizer, model), train, save. The parts live in glm_train/, one module per job
 flags, engine, data, model, checkpoint, loop, metrics, publish, skills.
 """
 
+import sys
 import time
 
 from glm_train import flags
 from glm_train.checkpoint import Checkpointer
+from glm_train.errors import InputError, Refusal
 
 
 def main(argv=None):
@@ -21,11 +23,13 @@ def main(argv=None):
     # Before anything is loaded or written: the checkpoint to resume and what the output folder may lose.
     checkpointer = Checkpointer(args.output_dir, resume_from=args.resume_from_checkpoint,
                                 overwrite=args.overwrite_output_dir, every=args.checkpointing_steps,
-                                keep=args.checkpoints_total_limit)
+                                keep=args.checkpoints_total_limit,
+                                inputs={"--model_name_or_path": args.model_name_or_path,
+                                        "--tokenizer_name": args.tokenizer_name})
     started = time.time()
     accelerator = start_engine(args)
-    rows, tokenizer, splits, net = build(args, accelerator, checkpointer)
-    net, log, summary = fit(args, accelerator, checkpointer, net, splits, started)
+    rows, tokenizer, splits, net, max_steps = build(args, accelerator, checkpointer)
+    net, log, summary = fit(args, accelerator, checkpointer, net, splits, max_steps, started)
     save(args, accelerator, checkpointer, net, tokenizer, rows, log, summary)
     if accelerator.is_main_process:
         print(f"done in {time.time() - started:.0f}s; the model folder is {args.output_dir}")
@@ -47,7 +51,7 @@ def start_engine(args):
         per_device_batch_size=args.per_device_train_batch_size, max_grad_norm=args.max_grad_norm,
         project_dir=args.output_dir, report_to=args.report_to, torch_compile=args.torch_compile)
     if args.merge_lora and engine.weights_sharded(accelerator):
-        raise ValueError(f"--merge_lora under {accelerator.distributed_type.value}: the weights are sharded across "
+        raise InputError(f"--merge_lora under {accelerator.distributed_type.value}: the weights are sharded across "
                          "processes, so train without it and merge afterwards in one process (peft: "
                          "PeftModel.from_pretrained(base, output_dir).merge_and_unload().save_pretrained(...))")
     set_seed(args.seed)
@@ -55,14 +59,14 @@ def start_engine(args):
 
 
 def build(args, accelerator, checkpointer):
-    """The checked rows, the tokenizer (trained on them from scratch, else loaded), the tokenized splits and the
-    model; then the output folder's first change."""
-    from glm_train import data, engine, model
+    """The checked rows, the tokenizer (trained on them from scratch, else loaded), the tokenized splits, the number
+    of optimizer steps and the model; then, every check passed, the output folder's first change."""
+    from glm_train import data, engine, loop, model
 
     config = model.load_config(args.model_name_or_path, args.config_name, args.pre_seq_len, args.prefix_projection)
     block_size = args.block_size or min(1024, config.seq_length)
     if block_size > config.seq_length:
-        raise ValueError(f"--block_size {block_size} is beyond the model's seq_length {config.seq_length}")
+        raise InputError(f"--block_size {block_size} is beyond the model's seq_length {config.seq_length}")
     rows = data.load_rows(
         dataset_name=args.dataset_name, dataset_config_name=args.dataset_config_name, train_file=args.train_file,
         validation_file=args.validation_file, builtin_examples=args.builtin_train_examples,
@@ -70,10 +74,10 @@ def build(args, accelerator, checkpointer):
         conversations_column=args.conversations_column, mode=args.mode, max_train_samples=args.max_train_samples,
         streaming=args.streaming, seed=args.seed)
     new_tokenizer = not (args.tokenizer_name or args.model_name_or_path or checkpointer.resume_from)
-    if new_tokenizer:  # trained on this run's data, kept where resumes find it
+    if new_tokenizer:  # trained on this run's data (start() keeps a copy where resumes find it)
         corpus = data.tokenizer_corpus(rows, args.max_train_samples, args.streaming)
-        tokenizer = model.load_tokenizer(checkpointer.stage_tokenizer(
-            accelerator, lambda: model.train_tokenizer(corpus, args.tokenizer_vocab_size)))
+        tokenizer = model.shared_tokenizer(accelerator, lambda: model.train_tokenizer(corpus,
+                                                                                     args.tokenizer_vocab_size))
     else:
         tokenizer = model.load_tokenizer(args.tokenizer_name or args.model_name_or_path or
                                          checkpointer.tokenizer_folder())
@@ -82,11 +86,21 @@ def build(args, accelerator, checkpointer):
                            num_proc=args.preprocessing_num_workers, max_eval_samples=args.max_eval_samples,
                            packing=args.packing, streaming=args.streaming,
                            main_process_first=accelerator.main_process_first)
+    max_steps = args.max_train_steps  # --streaming requires it: a stream has no length
+    if not args.streaming:
+        max_steps = loop.plan_steps(len(splits.train), per_device_batch_size=args.per_device_train_batch_size,
+                                    num_processes=accelerator.num_processes, max_train_steps=max_steps,
+                                    accumulation=args.gradient_accumulation_steps, epochs=args.num_train_epochs)
+        step_rows = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+        notice = loop.few_steps_notice(max_steps, len(splits.train), step_rows, args.lr_scheduler_type,
+                                       args.learning_rate, args.num_warmup_steps)
+        if notice:
+            accelerator.print(notice)
     net = model.build_model(config, tokenizer, model_name_or_path=args.model_name_or_path, seed=args.seed,
                             attn_implementation=args.attn_implementation, lora_r=args.lora_r,
                             gradient_checkpointing=args.gradient_checkpointing, lora_alpha=args.lora_alpha,
                             lora_dropout=args.lora_dropout)
-    checkpointer.start(accelerator, new_tokenizer)  # the first change to --output_dir
+    checkpointer.start(accelerator, tokenizer if new_tokenizer else None)  # the first change to --output_dir
     if new_tokenizer:  # the same tokenizer, from where resumes will find it
         tokenizer = model.load_tokenizer(checkpointer.output_dir / "tokenizer")
     n_params = sum(engine.param_numel(p) for p in net.parameters())
@@ -95,10 +109,10 @@ def build(args, accelerator, checkpointer):
         f"mode {rows.mode}: {'streamed' if args.streaming else len(splits.train)} training examples, "
         f"{n_params / 1e6:.2f}M parameters ({n_trainable / 1e6:.3f}M trainable); engine "
         f"{engine.engine_description(accelerator)}; mixed precision {engine.mixed_precision_in_use(accelerator)}")
-    return rows, tokenizer, splits, net
+    return rows, tokenizer, splits, net, max_steps
 
 
-def fit(args, accelerator, checkpointer, net, splits, started):
+def fit(args, accelerator, checkpointer, net, splits, max_steps, started):
     """The optimizer and its schedule, the state to continue from, then the loop. Returns the final numbers."""
     from tqdm.auto import tqdm
     from transformers import get_scheduler
@@ -107,9 +121,6 @@ def fit(args, accelerator, checkpointer, net, splits, started):
 
     optimizer = model.optimizer_for(net, learning_rate=args.learning_rate, weight_decay=args.weight_decay,
                                     betas=(args.adam_beta1, args.adam_beta2))
-    max_steps = args.max_train_steps  # --streaming requires it: a stream has no length
-    if not args.streaming:
-        max_steps = max_steps or steps_for_epochs(args, len(splits.train), accelerator.num_processes)
     scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=args.num_warmup_steps,
                               num_training_steps=max_steps)
     config = net.config
@@ -123,7 +134,8 @@ def fit(args, accelerator, checkpointer, net, splits, started):
     batches = data.micro_batches(
         splits.train, splits.train_collate, per_device_batch_size=args.per_device_train_batch_size,
         num_processes=accelerator.num_processes, process_index=accelerator.process_index, seed=args.seed,
-        start_micro=start_step * args.gradient_accumulation_steps, num_workers=args.dataloader_num_workers,
+        start_micro=start_step * args.gradient_accumulation_steps, accumulation=args.gradient_accumulation_steps,
+        num_workers=args.dataloader_num_workers,
         pin_memory=accelerator.device.type == "cuda", streaming=args.streaming)
     peak = metrics.peak_flops(accelerator.device, args.peak_tflops) * accelerator.num_processes
     progress = tqdm(range(start_step, max_steps), initial=start_step, total=max_steps, desc="training",
@@ -137,15 +149,6 @@ def fit(args, accelerator, checkpointer, net, splits, started):
         started=started)
     checkpointer.ensure_finite(net, max_steps)
     return net, log, {"steps": max_steps, "final_loss": loss, "eval_loss": eval_loss, "perplexity": perplexity}
-
-
-def steps_for_epochs(args, rows: int, num_processes: int) -> int:
-    """Optimizer steps in --num_train_epochs; refuses data smaller than one global batch."""
-    global_batch = args.per_device_train_batch_size * num_processes
-    batches_per_epoch = rows // global_batch
-    if batches_per_epoch == 0:
-        raise ValueError(f"empty dataset: {rows} training examples are fewer than one global batch ({global_batch})")
-    return max(1, int(args.num_train_epochs * batches_per_epoch // args.gradient_accumulation_steps))
 
 
 def save(args, accelerator, checkpointer, net, tokenizer, rows, log, summary):
@@ -187,4 +190,7 @@ def run_facts(args, mode):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except Refusal as refusal:  # bad input or setup: the message names it; a traceback would bury it
+        sys.exit(f"train.py: {refusal}")

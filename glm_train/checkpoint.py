@@ -4,8 +4,8 @@ The loop uses two verbs: `load()` once (the step to continue from) and `save(ste
 every `every` steps). Everything before them only reads, so bad input stops a run before the folder changes:
 
     checkpointer = Checkpointer("output/run", resume_from="latest", every=300)   # reads the folder, decides
-    ... data, tokenizer and model are built ...
-    checkpointer.start(accelerator, new_tokenizer=True)                        # the first write
+    ... data, tokenizer and model are built, every check passed ...
+    checkpointer.start(accelerator, tokenizer)                                 # the first write
     start_step = checkpointer.load(accelerator)
     for step in range(start_step + 1, total + 1):
         ...
@@ -20,6 +20,8 @@ import os
 import re
 import shutil
 from pathlib import Path
+
+from .errors import InputError, Refusal
 
 CHECKPOINT_MARKER = "checkpoint_complete.json"
 # Written first into a checkpoint's temporary folder: it tells train.py's own interrupted writes from a user's folder.
@@ -41,23 +43,25 @@ OWN_SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 OWN_FOLDERS = {TOKENIZER_COPY, TOKENIZER_TEMPORARY, "adapter", "runs"}
 
 
-class OutputDirError(ValueError):
-    pass
+class OutputDirError(InputError):
+    """An --output_dir that train.py may not write into as asked."""
 
 
-class NonFiniteLoss(RuntimeError):
+class NonFiniteLoss(Refusal, RuntimeError):
     """The loss or the weights stopped being finite; the message names the last good checkpoint."""
 
 
 class Checkpointer:
     """The output folder's policy and the run's checkpoints. Constructing it only reads: it finds the checkpoint to
     resume (`resume_from`: "latest" or a folder) and decides what `start` removes, raising OutputDirError where
-    starting would replace a run or someone's files."""
+    starting would replace a run or someone's files, or where the folder is (or holds, or lies in) one of the run's
+    `inputs` ({flag: path}, e.g. the model being fine-tuned)."""
 
-    def __init__(self, output_dir, *, resume_from=None, overwrite=False, every=None, keep=2):
+    def __init__(self, output_dir, *, resume_from=None, overwrite=False, every=None, keep=2, inputs=None):
         self.output_dir = Path(output_dir)
         self.folder = self.output_dir / "checkpoints"
         self.every, self.keep = every, keep
+        refuse_input_folders(self.output_dir, inputs or {})
         self.resume_from = find_checkpoint(resume_from, self.output_dir)
         self.remove, self.foreign = check_output_dir(self.output_dir, overwrite, self.resume_from)
         self.last = None
@@ -70,25 +74,13 @@ class Checkpointer:
         for folder in (run_dir / TOKENIZER_COPY, run_dir):
             if (folder / "tokenizer_config.json").is_file() and (folder / "tokenizer.json").is_file():
                 return folder
-        raise FileNotFoundError(f"cannot resume from {self.resume_from}: the tokenizer its run trained is neither "
+        raise InputError(f"cannot resume from {self.resume_from}: the tokenizer its run trained is neither "
                                 f"in {run_dir / TOKENIZER_COPY} nor in {run_dir}; give it with --tokenizer_name")
 
-    def stage_tokenizer(self, accelerator, train_tokenizer) -> Path:
-        """A new from-scratch tokenizer: the main process trains it (`train_tokenizer()`) and writes it whole into
-        TOKENIZER_TEMPORARY (fsynced; start() renames it into place); returns that folder, for every process."""
-        temporary = self.output_dir / TOKENIZER_TEMPORARY
-        if accelerator.is_main_process:
-            tokenizer = train_tokenizer()
-            if temporary.exists():
-                shutil.rmtree(temporary)  # an interrupted earlier copy
-            tokenizer.save_pretrained(temporary)
-            fsync_tree(temporary)
-        accelerator.wait_for_everyone()
-        return temporary
-
-    def start(self, accelerator, new_tokenizer: bool):
-        """The first change to the folder, once data, tokenizer and model are ready: create it, remove what the
-        constructor planned, and rename a from-scratch run's new tokenizer copy into place."""
+    def start(self, accelerator, tokenizer=None):
+        """The first change to the folder, once data, tokenizer and model are ready and every check has passed:
+        create it, remove what the constructor planned, and write a from-scratch run's new `tokenizer` where resumes
+        find it (whole into TOKENIZER_TEMPORARY, fsynced, renamed to TOKENIZER_COPY)."""
         self.accelerator = accelerator
         # A checkpoint that cannot be resumed exactly is refused before the folder changes.
         self.start_step = check_checkpoint(self.resume_from, accelerator.num_processes) if self.resume_from else 0
@@ -104,13 +96,15 @@ class Checkpointer:
                     shutil.rmtree(path)
                 elif path.exists():
                     path.unlink()
-            if new_tokenizer:
+            if temporary.exists():
+                shutil.rmtree(temporary)  # an interrupted copy of an earlier start
+            if tokenizer is not None:
+                tokenizer.save_pretrained(temporary)
+                fsync_tree(temporary)
                 if work.exists():
                     shutil.rmtree(work)  # a new run's: no checkpoint uses the old copy (check_output_dir)
                 os.rename(temporary, work)
                 fsync_dir(self.output_dir)
-            elif temporary.exists():
-                shutil.rmtree(temporary)  # an interrupted copy of an earlier start
         accelerator.wait_for_everyone()
         self.last = self.resume_from or (complete_checkpoints(self.folder)[-1:] or [None])[0]
 
@@ -189,6 +183,23 @@ def inspect_output_dir(folder: Path):
 def _listing(folder: Path, paths) -> str:
     names = [str(p.relative_to(folder)) + ("/" if p.is_dir() else "") for p in paths]
     return ", ".join(names[:15]) + (f" and {len(names) - 15} more" if len(names) > 15 else "")
+
+
+def refuse_input_folders(folder: Path, inputs: dict):
+    """An output folder that is, holds or lies inside a folder the run reads (the base model, its tokenizer) would
+    overwrite or delete it: refused whatever the flags, naming both paths."""
+    target = Path(folder).resolve()
+    for flag, path in inputs.items():
+        if not path or not Path(path).is_dir():
+            continue  # a Hub id, or nothing
+        source = Path(path).resolve()
+        relation = ("is" if target == source else "holds" if target in source.parents
+                    else "lies inside" if source in target.parents else None)
+        if relation:
+            raise OutputDirError(
+                f"--output_dir {folder} {relation} {flag} {path}: train.py never writes into the model it reads, "
+                "with or without --overwrite_output_dir; give a new --output_dir (for a fine-tune the default is "
+                f"output/{source.name}-finetuned)")
 
 
 def check_output_dir(folder: Path, overwrite: bool, checkpoint):
@@ -306,7 +317,7 @@ def find_checkpoint(resume_from, output_dir: Path):
         return found[-1] if found else None
     path = Path(resume_from)
     if not (path / CHECKPOINT_MARKER).exists():
-        raise ValueError(f"--resume_from_checkpoint {path} is not a complete checkpoint (no {CHECKPOINT_MARKER})")
+        raise InputError(f"--resume_from_checkpoint {path} is not a complete checkpoint (no {CHECKPOINT_MARKER})")
     return path
 
 
@@ -321,15 +332,15 @@ def check_checkpoint(checkpoint: Path, num_processes: int) -> int:
             states = load(path)
             missing = [key for key in ("random_state", "numpy_random_seed", "torch_manual_seed") if key not in states]
         except Exception as error:  # noqa: BLE001  any unreadable file is reported the same way
-            raise ValueError(f"cannot resume from {checkpoint}: the RNG state {path} is unreadable "
+            raise InputError(f"cannot resume from {checkpoint}: the RNG state {path} is unreadable "
                              f"({type(error).__name__}: {error}); resume from another checkpoint") from None
         if missing:
-            raise ValueError(f"cannot resume from {checkpoint}: the RNG state {path} lacks {missing}")
+            raise InputError(f"cannot resume from {checkpoint}: the RNG state {path} lacks {missing}")
     try:
         step = json.loads((checkpoint / TRAINER_STATE).read_text())["step"]
     except (OSError, ValueError, KeyError, TypeError) as error:
-        raise ValueError(f"cannot resume from {checkpoint}: {checkpoint / TRAINER_STATE} is unreadable "
+        raise InputError(f"cannot resume from {checkpoint}: {checkpoint / TRAINER_STATE} is unreadable "
                          f"({type(error).__name__}: {error})") from None
     if not (isinstance(step, int) and step >= 0):
-        raise ValueError(f"cannot resume from {checkpoint}: {checkpoint / TRAINER_STATE} step is {step!r}")
+        raise InputError(f"cannot resume from {checkpoint}: {checkpoint / TRAINER_STATE} step is {step!r}")
     return step

@@ -6,6 +6,8 @@ training. Every workaround for an accelerate limitation lives here, with the acc
 import os
 from pathlib import Path
 
+from .errors import EngineError, InputError
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -42,7 +44,7 @@ def check_process_count(environ=None):
         return
     if any(name in environ for name in MPI_SIZE_VARIABLES):
         return
-    raise RuntimeError(
+    raise EngineError(
         "`accelerate launch --cpu` was asked for several processes but started 1 (MASTER_ADDR is set, no "
         "WORLD_SIZE): its --cpu multi-process path needs MPI (--mpirun_hostfile). On CPUs start the processes "
         "through torchrun's path, which trains over gloo: accelerate launch --multi_gpu --num_processes N "
@@ -56,7 +58,7 @@ def deepspeed_plugin(per_device_batch_size: int, gradient_accumulation_steps: in
     try:
         import deepspeed  # noqa: F401
     except ImportError as error:
-        raise RuntimeError(f"the launch config asks for DeepSpeed but it cannot be imported ({error}): "
+        raise EngineError(f"the launch config asks for DeepSpeed but it cannot be imported ({error}): "
                            "pip install deepspeed") from error
     from accelerate.utils import DeepSpeedPlugin
 
@@ -64,7 +66,7 @@ def deepspeed_plugin(per_device_batch_size: int, gradient_accumulation_steps: in
         from deepspeed.accelerator import get_accelerator
 
         if get_accelerator().device_name() != "cpu":
-            raise RuntimeError(f"DeepSpeed on CPU processes needs its CPU accelerator, but it selected "
+            raise EngineError(f"DeepSpeed on CPU processes needs its CPU accelerator, but it selected "
                                f"{get_accelerator().device_name()!r}: set DS_ACCELERATOR=cpu")
     path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
     if path and not os.path.isfile(path) and (ROOT / path).is_file():
@@ -78,7 +80,7 @@ def deepspeed_plugin(per_device_batch_size: int, gradient_accumulation_steps: in
               "gradient_clipping": ("--max_grad_norm", max_grad_norm)}
     for key, (flag, value) in wanted.items():
         if config.get(key, "auto") not in ("auto", value):
-            raise ValueError(f"DeepSpeed config {path or '(from accelerate launch flags)'}: {key} is {config[key]} "
+            raise InputError(f"DeepSpeed config {path or '(from accelerate launch flags)'}: {key} is {config[key]} "
                              f"but {flag} gives {value}; set it to \"auto\" or to the same value")
         config[key] = value
     return plugin  # AcceleratorState fills mixed precision and hands transformers the config for zero.Init
@@ -106,10 +108,10 @@ def accelerator_options(*, per_device_batch_size: int, gradient_accumulation_ste
 
         plugin = FullyShardedDataParallelPlugin()  # from the launcher's FSDP_* environment
         if on_cpu and plugin.fsdp_version != 2:
-            raise RuntimeError(f"FSDP on CPU processes runs as FSDP2 (torch's fully_shard over gloo); the launch "
+            raise EngineError(f"FSDP on CPU processes runs as FSDP2 (torch's fully_shard over gloo); the launch "
                                f"config has fsdp_version {plugin.fsdp_version}: set fsdp_version: 2")
         if on_cpu and world_size < 2:
-            raise RuntimeError("FSDP on CPU needs 2 or more processes (--num_processes 2): one CPU process gets no "
+            raise EngineError("FSDP on CPU needs 2 or more processes (--num_processes 2): one CPU process gets no "
                                "process group from accelerate, and has nothing to shard with")
         return {"fsdp_plugin": plugin, "cpu": on_cpu}
     # Several processes started by torchrun / `accelerate launch --multi_gpu` on a machine without a GPU: DDP over
@@ -172,11 +174,11 @@ def check_engine(accelerator):
 
     wanted = {"deepspeed": DistributedType.DEEPSPEED, "fsdp": DistributedType.FSDP}.get(requested_engine())
     if wanted is not None and accelerator.distributed_type != wanted:
-        raise RuntimeError(f"the launch asks for {wanted.value} but accelerate set up "
+        raise EngineError(f"the launch asks for {wanted.value} but accelerate set up "
                            f"{accelerator.distributed_type.value}; refusing to train without the requested sharding")
     world_size = int(os.environ.get("WORLD_SIZE", accelerator.num_processes))  # MPI launches set no WORLD_SIZE
     if accelerator.num_processes != world_size:
-        raise RuntimeError(f"the launcher started {world_size} processes but accelerate sees "
+        raise EngineError(f"the launcher started {world_size} processes but accelerate sees "
                            f"{accelerator.num_processes} ({accelerator.distributed_type.value})")
 
 

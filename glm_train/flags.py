@@ -5,6 +5,7 @@ is loaded or written. `parse_args` returns the namespace; nothing changes it aft
 
 import argparse
 import math
+from pathlib import Path
 
 from .model import LORA_TARGETS
 
@@ -29,6 +30,18 @@ BUILTIN_RECIPE = dict(config_name="tiny", learning_rate=3e-3, per_device_train_b
 GENERAL_DEFAULTS = dict(config_name=None, learning_rate=5e-5, per_device_train_batch_size=8, max_train_steps=None,
                         num_warmup_steps=0, block_size=None, eval_steps=500, weight_decay=0.0, logging_steps=10,
                         tokenizer_vocab_size=32000, max_eval_samples=None, checkpointing_steps=None)
+
+
+def default_output_dir(model_name_or_path=None) -> str:
+    """output/glm-skills, or for a fine-tune a new folder named after the base: never the base itself.
+
+    >>> default_output_dir("output/glm-skills"), default_output_dir("THUDM/chatglm3-6b")
+    ('output/glm-skills-finetuned', 'output/chatglm3-6b-finetuned')
+    """
+    if not model_name_or_path:
+        return "output/glm-skills"
+    name = Path(model_name_or_path.rstrip("/\\")).name or "model"
+    return f"output/{name}-finetuned"
 
 
 def parse_args(argv=None):
@@ -105,10 +118,10 @@ def parse_args(argv=None):
                       "layer; only transformer.prefix_encoder trains.")
     tune.add_argument("--prefix_projection", action="store_true", help="P-tuning v2 prefix through a 2-layer MLP.")
     out = parser.add_argument_group("output, logging, checkpoints")
-    out.add_argument("--output_dir", default="output/glm-skills", help="Where the model folder, checkpoints and "
-                     "metrics.jsonl go (default: output/glm-skills). A folder holding a run or other files is "
-                     "refused unless "
-                     "--resume_from_checkpoint or --overwrite_output_dir is given.")
+    out.add_argument("--output_dir", help="Where the model folder, checkpoints and metrics.jsonl go (default: "
+                     "output/glm-skills; for a fine-tune output/<base name>-finetuned). A folder holding a run or "
+                     "other files is refused unless --resume_from_checkpoint or --overwrite_output_dir is given; the "
+                     "folder being fine-tuned (or one holding it, or inside it) is always refused.")
     out.add_argument("--overwrite_output_dir", action="store_true", help="Start over in an --output_dir that holds "
                      "a run: train.py's own files there (weights, config, tokenizer, card, metrics, checkpoints) are "
                      "replaced; any other file is left untouched.")
@@ -135,6 +148,8 @@ def parse_args(argv=None):
     for key, value in defaults.items():
         if getattr(args, key) is None and not (key == "config_name" and args.model_name_or_path):
             setattr(args, key, value)
+    if args.output_dir is None:
+        args.output_dir = default_output_dir(args.model_name_or_path)
     if args.validation_file and not args.train_file:
         parser.error("--validation_file needs --train_file")
     if args.streaming and args.max_train_steps is None:

@@ -9,7 +9,12 @@ import time
 from dataclasses import dataclass
 
 from .checkpoint import NonFiniteLoss
+from .data.batches import steps_per_epoch
 from .engine import engine_record
+from .errors import InputError
+
+# Fewer optimizer steps than this, and the run says so before training, with the learning rate of each step.
+FEW_STEPS = 10
 
 
 @dataclass
@@ -22,6 +27,51 @@ class Schedule:
     logging_steps: int = 10
     eval_steps: int = 500
     eval_batch_size: int = 32
+
+
+def plan_steps(num_rows: int, *, per_device_batch_size: int, num_processes: int, accumulation: int,
+               epochs: float, max_train_steps=None) -> int:
+    """The run's optimizer steps: --max_train_steps, else --num_train_epochs passes over the rows (each epoch's last
+    step takes the rows that are left). Refuses data smaller than one step's rows, naming the flags to lower and
+    the largest batch that fits."""
+    step_rows = per_device_batch_size * num_processes * accumulation
+    if num_rows < step_rows:
+        fits = num_rows // (num_processes * accumulation)
+        largest = (f"--per_device_train_batch_size {fits}" if fits else
+                   f"--per_device_train_batch_size 1 --gradient_accumulation_steps {num_rows // num_processes}"
+                   if num_rows >= num_processes else f"at most {num_rows} process(es)")
+        raise InputError(f"{num_rows} training examples are fewer than one optimizer step's {step_rows} rows "
+                         f"(--per_device_train_batch_size {per_device_batch_size} x --gradient_accumulation_steps "
+                         f"{accumulation} x {num_processes} process(es)); the largest batch that fits: {largest}")
+    return max_train_steps or max(1, int(epochs * steps_per_epoch(num_rows, step_rows)))
+
+
+def learning_rates(scheduler_type: str, learning_rate: float, warmup: int, steps: int):
+    """The learning rate each optimizer step uses under the schedule (transformers' get_scheduler, as the loop)."""
+    import torch
+    from transformers import get_scheduler
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=learning_rate)
+    scheduler = get_scheduler(scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=steps)
+    rates = []
+    for _ in range(steps):
+        rates.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    return rates
+
+
+def few_steps_notice(steps: int, num_rows: int, step_rows: int, scheduler_type: str, learning_rate: float,
+                     warmup: int) -> str:
+    """A line for runs of fewer than FEW_STEPS optimizer steps (they rarely learn anything); else ""."""
+    if steps >= FEW_STEPS:
+        return ""
+    rates = learning_rates(scheduler_type, learning_rate, warmup, steps)
+    epochs = steps / steps_per_epoch(num_rows, step_rows)
+    return (f"note: this run makes only {steps} optimizer step(s), {epochs:.3g} epoch(s) of {num_rows} training "
+            f"examples at {step_rows} a step; the learning rate of each step: "
+            f"{', '.join(f'{rate:.3g}' for rate in rates)}. For more steps raise --num_train_epochs or "
+            "--max_train_steps, or lower --per_device_train_batch_size / --gradient_accumulation_steps.")
 
 
 def token_loss_sum(model, batch):
@@ -59,7 +109,7 @@ def evaluate(accelerator, model, validation, collate, batch_size: int):
 
 def train_step(accelerator, model, optimizer, scheduler, micro, max_grad_norm: float):
     """Forward and backward over the micro-batches, clipping, one optimizer and scheduler step. Returns the global
-    mean loss per target token and the gradient norm (None without clipping)."""
+    mean loss per target token, the gradient norm (None without clipping) and the learning rate the step used."""
     import torch
 
     # Backends average gradients over processes and accelerate divides by the accumulation steps; scaling by both
@@ -75,10 +125,11 @@ def train_step(accelerator, model, optimizer, scheduler, micro, max_grad_norm: f
             accelerator.backward(loss * scale)
             loss_sum += loss.detach()
     grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm) if max_grad_norm > 0 else None
+    learning_rate = scheduler.get_last_lr()[0]  # this step's: scheduler.step() moves it to the next step's
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return (accelerator.reduce(loss_sum, "sum") / global_tokens).item(), grad_norm
+    return (accelerator.reduce(loss_sum, "sum") / global_tokens).item(), grad_norm, learning_rate
 
 
 def train(accelerator, model, optimizer, scheduler, batches, schedule: Schedule, *, start_step, validation,
@@ -93,7 +144,8 @@ def train(accelerator, model, optimizer, scheduler, batches, schedule: Schedule,
     for step in range(start_step + 1, schedule.max_steps + 1):
         micro = [{k: v.to(accelerator.device, non_blocking=True) for k, v in next(batches).items()}
                  for _ in range(schedule.gradient_accumulation_steps)]
-        loss, grad_norm = train_step(accelerator, model, optimizer, scheduler, micro, schedule.max_grad_norm)
+        loss, grad_norm, learning_rate = train_step(accelerator, model, optimizer, scheduler, micro,
+                                                    schedule.max_grad_norm)
         if step == start_step + 1:
             log_engine(accelerator, model, optimizer, step, log, progress)
         if not math.isfinite(loss):
@@ -104,7 +156,7 @@ def train(accelerator, model, optimizer, scheduler, batches, schedule: Schedule,
         throughput.add([tuple(b["input_ids"].shape) for b in micro], accelerator.num_processes)
         progress.update(1)
         if step % schedule.logging_steps == 0 or step == schedule.max_steps:
-            record = {"step": step, "loss": loss, "lr": scheduler.get_last_lr()[0],
+            record = {"step": step, "loss": loss, "lr": learning_rate,
                       "grad_norm": float(grad_norm) if grad_norm is not None else None, **throughput.rates(),
                       "elapsed_s": time.time() - started}
             log(record)

@@ -7,6 +7,8 @@ import os
 import warnings
 from pathlib import Path
 
+from .errors import InputError
+
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = ROOT / "presets"
 LORA_TARGETS = ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
@@ -20,7 +22,7 @@ def resolve_config_path(name: str) -> str:
     if os.path.exists(name):
         return name
     available = sorted(p.stem for p in PRESETS.glob("*.json"))
-    raise ValueError(f"--config_name {name!r} is neither a preset ({', '.join(available)}) nor a path")
+    raise InputError(f"--config_name {name!r} is neither a preset ({', '.join(available)}) nor a path")
 
 
 def register_auto_classes():
@@ -67,6 +69,26 @@ def train_tokenizer(corpus, vocab_size: int):
     return glm.tokenization.train_glm_tokenizer(corpus, vocab_size=vocab_size)
 
 
+def shared_tokenizer(accelerator, train):
+    """A tokenizer trained once (`train()`, on the main process) and loaded by every process, without writing to the
+    output folder (nothing goes there before every check has passed): its saved files travel to the other processes
+    through the process group."""
+    import tempfile
+
+    from accelerate.utils import broadcast_object_list
+
+    files = [None]
+    with tempfile.TemporaryDirectory() as folder:
+        if accelerator.is_main_process:
+            train().save_pretrained(folder)
+            files = [{p.name: p.read_bytes() for p in Path(folder).iterdir() if p.is_file()}]
+        if accelerator.num_processes > 1:
+            broadcast_object_list(files)
+        for name, content in files[0].items():
+            (Path(folder) / name).write_bytes(content)
+        return load_tokenizer(folder)
+
+
 def round_up(n: int, multiple: int = 64) -> int:
     return (n + multiple - 1) // multiple * multiple
 
@@ -79,7 +101,7 @@ def build_model(config, tokenizer, *, model_name_or_path=None, attn_implementati
     from transformers import AutoModelForCausalLM
 
     if len(tokenizer) > config.padded_vocab_size and model_name_or_path:
-        raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the model only {config.padded_vocab_size} rows")
+        raise InputError(f"tokenizer has {len(tokenizer)} tokens but the model only {config.padded_vocab_size} rows")
     if config.kv_channels * config.num_attention_heads != config.hidden_size:
         warnings.warn(f"kv_channels {config.kv_channels} != hidden_size {config.hidden_size} / num_attention_heads "
                       f"{config.num_attention_heads}: our code and transformers run this model, but vLLM, llama.cpp "
@@ -107,7 +129,11 @@ def build_model(config, tokenizer, *, model_name_or_path=None, attn_implementati
                                target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
         if gradient_checkpointing:
             model.enable_input_require_grads()
-        model = peft.get_peft_model(model, lora)
+        with warnings.catch_warnings():
+            # peft 0.21 reads `is_gradient_checkpointing`, which transformers 5.25 deprecates with a FutureWarning
+            # that would headline every LoRA run; peft's call, not ours.
+            warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+            model = peft.get_peft_model(model, lora)
     return model
 
 

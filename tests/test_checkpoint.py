@@ -198,3 +198,36 @@ def test_nan_stop_names_a_checkpoint_with_finite_weights(workspace, tmp_path):
     assert [p.name for p in kept] == ["step-0000001"]
     for name, tensor in load_file(str(kept[0] / "model.safetensors")).items():
         assert torch.isfinite(tensor).all(), name
+
+
+@pytest.mark.parametrize("where", ["base", "inside_base", "holding_base"])
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_the_model_being_fine_tuned_is_never_the_output_folder(workspace, tmp_path, where, overwrite):
+    """docs/train.md's fine-tune, pointed at the base folder (or into it, or at a folder holding it): refused with
+    both paths named, even with --overwrite_output_dir, and the base stays byte for byte (it used to lose its
+    tokenizer.model when the refusal's own advice was followed)."""
+    holder = tmp_path / "models"
+    base = holder / "base"
+    shutil.copytree(workspace / "base", base)
+    (base / "tokenizer.model").write_bytes(b"the base's sentencepiece model")  # a file train.py would not rewrite
+    out = {"base": base, "inside_base": base / "finetune", "holding_base": holder}[where]
+    before = snapshot(holder)
+    argv = ["--model_name_or_path", str(base), "--train_file", str(workspace / "chats.jsonl"), "--output_dir",
+            str(out), "--max_train_steps", "1", "--block_size", "64", *(["--overwrite_output_dir"] * overwrite)]
+    with pytest.raises(checkpoint.OutputDirError) as error:
+        train.main(argv)
+    message = str(error.value)
+    assert f"--output_dir {out}" in message and f"--model_name_or_path {base}" in message
+    assert "--overwrite_output_dir" in message and "base-finetuned" in message  # the way on is a new folder
+    assert snapshot(holder) == before
+
+
+def test_a_fine_tune_without_output_dir_writes_a_new_folder_named_after_the_base(workspace, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    base = tmp_path / "glm-skills"
+    shutil.copytree(workspace / "base", base)
+    before = snapshot(base)
+    train.main(["--model_name_or_path", str(base), "--train_file", str(workspace / "chats.jsonl"),
+                "--max_train_steps", "1", "--block_size", "64", "--per_device_train_batch_size", "8"])
+    assert (tmp_path / "output" / "glm-skills-finetuned" / "model.safetensors").is_file()
+    assert snapshot(base) == before

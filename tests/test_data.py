@@ -139,7 +139,8 @@ def test_json_strings_stay_strings_and_dict_tool_calls_train(workspace, tmp_path
     assert [sources.conversation_of(v) for v in source.splits["train"]["conversations"][:2]] == \
         [r["conversations"] for r in rows]
     tokenizer = glm.ChatGLMTokenizer.from_pretrained(workspace / "base")
-    tokenized = preprocess.tokenize_sft(source.splits["train"].select(range(2)), tokenizer, "conversations", block_size=256)
+    tokenized = preprocess.tokenize_sft(source.splits["train"].select(range(2)), tokenizer, "conversations",
+                                        block_size=256)
     for row, conversation in zip(tokenized, rows):
         assert row["input_ids"] == tokenizer.tokenize_conversation(conversation["conversations"])["input_ids"]
     texts = list(sources.conversation_texts(source.splits["train"].select(range(2))))
@@ -187,3 +188,24 @@ def test_a_local_folder_as_dataset_name_keeps_strings_and_names_the_line(tmp_pat
     write_jsonl(folder / "train.jsonl", rows + [bad])
     with pytest.raises(ValueError, match=re.escape(f"{folder / 'train.jsonl'} line 3") + ".*unknown role 'robot'"):
         data.load_rows(dataset_name=str(folder))
+
+
+@pytest.mark.parametrize("rows", [43, 40, 3])
+def test_every_row_is_dealt_and_any_split_of_a_step_sees_the_same_rows(rows):
+    """An epoch's last, shorter step is trained, not dropped; 1 process x 8 rows, 2 x 4, 2 x 2 x 2 accumulation and
+    4 x 1 x 2 give the same rows in every optimizer step; an empty share becomes one padding token without target."""
+    def steps(per_device, processes, accumulation):
+        dealt = [list(batches.GlobalBatchSampler(rows, per_device, processes, rank, seed=5, epoch=1,
+                                                 accumulation=accumulation)) for rank in range(processes)]
+        count = len(dealt[0]) // accumulation
+        return [sorted(i for rank in dealt for m in range(accumulation) for i in rank[accumulation * s + m])
+                for s in range(count)]
+
+    expected = steps(8, 1, 1)
+    assert len(expected) == -(-rows // 8) and sorted(sum(expected, [])) == list(range(rows))  # each row once
+    for split in [(4, 2, 1), (2, 2, 2), (1, 4, 2)]:
+        assert steps(*split) == expected, split
+    empty = batches.Collator(pad_token_id=0)([])
+    assert empty["input_ids"].tolist() == [[0]] and empty["labels"].tolist() == [[-100]]
+    packed_empty = batches.PackedCollator(pad_token_id=0)([])
+    assert packed_empty["position_ids"].tolist() == [[0]] and packed_empty["labels"].tolist() == [[-100]]

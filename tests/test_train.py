@@ -4,6 +4,7 @@ run's log."""
 
 import json
 import math
+import re
 import os
 import subprocess
 
@@ -12,10 +13,11 @@ import torch
 from conftest import ROOT, glm
 from safetensors.torch import load_file
 from train_helpers import (ACCELERATE, CPU_DDP, CPU_ONE, assert_same_weights, common, losses, metrics, run_script,
-                           weights)
+                           weights, write_jsonl)
 
 import train
 from glm_train import checkpoint
+from glm_train.errors import InputError
 from glm_train.model import LORA_TARGETS
 
 
@@ -160,7 +162,8 @@ def test_fsdp_config_wraps_glm_blocks():
 
 
 OWN_LINES = [r"mode (sft|pretrain): ", r"checkpoints every \d+ steps", r"training: +\d+%", r"step \d+: loss ",
-             r"held-out exact match: ", r"miss: ", r"chat> ", r"done in \d+s; the model folder is "]
+             r"held-out exact match: ", r"miss: ", r"chat> ", r"done in \d+s; the model folder is ",
+             r"note: this run makes only \d+ optimizer step"]
 
 
 def test_builtin_run_log_has_only_our_lines(tmp_path):
@@ -184,3 +187,33 @@ def test_builtin_run_log_has_only_our_lines(tmp_path):
     assert not unexpected, unexpected[:10]
     assert [line.split(":")[0] for line in lines if line.startswith("step ")] == ["step 3", "step 6"]  # evals
     assert any(line.startswith("held-out exact match: ") for line in lines)
+
+
+def test_data_smaller_than_one_step_names_the_flags_and_writes_nothing(workspace, tmp_path):
+    """5 conversations from scratch (4 after the validation carve) at the default 8 per step: the refusal names the
+    flags and the largest batch that fits, before the tokenizer copy or anything else is written."""
+    data = write_jsonl(tmp_path / "five.jsonl", [json.loads(line) for line in
+                                                 (workspace / "chats.jsonl").read_text().splitlines()[:5]])
+    out = tmp_path / "out"
+    with pytest.raises(InputError, match=re.escape(
+            "4 training examples are fewer than one optimizer step's 8 rows (--per_device_train_batch_size 8 x "
+            "--gradient_accumulation_steps 1 x 1 process(es)); the largest batch that fits: "
+            "--per_device_train_batch_size 4")):
+        train.main(["--config_name", str(workspace / "tiny.json"), "--train_file", str(data), "--output_dir",
+                    str(out), "--tokenizer_vocab_size", "400", "--block_size", "64"])
+    assert not out.exists()
+
+
+def test_a_few_steps_are_announced_and_the_short_last_step_is_trained(workspace, tmp_path, capsys):
+    """13 conversations (12 after the carve) at 8 per step: two steps, the second on the 4 rows left (they were
+    dropped, leaving one step at lr 5e-5 logged as 0.0); the notice gives each step's learning rate and metrics.jsonl
+    the rate each step used."""
+    data = write_jsonl(tmp_path / "thirteen.jsonl", [json.loads(line) for line in
+                                                     (workspace / "chats.jsonl").read_text().splitlines()[:13]])
+    out = tmp_path / "out"
+    train.main(["--model_name_or_path", str(workspace / "base"), "--train_file", str(data), "--output_dir", str(out),
+                "--block_size", "64", "--logging_steps", "1"])
+    printed = capsys.readouterr().out
+    assert "note: this run makes only 2 optimizer step(s), 1 epoch(s) of 12 training examples at 8 a step; the " \
+           "learning rate of each step: 5e-05, 2.5e-05." in printed
+    assert [r["lr"] for r in metrics(out) if "lr" in r] == pytest.approx([5e-5, 2.5e-5])

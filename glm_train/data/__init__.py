@@ -14,6 +14,7 @@
 
 from dataclasses import dataclass
 
+from ..errors import InputError
 from . import builtin, preprocess, sources
 from .batches import Collator, PackedCollator, micro_batches  # noqa: F401  the doors of step 4 and 5
 
@@ -52,7 +53,7 @@ def load_rows(*, dataset_name=None, dataset_config_name=None, train_file=None, v
     # Every row, with its file and line, before a tokenizer is trained on them or anything is written.
     sources.check_rows(source, mode, text_column, conversations_column, max_train_samples)
     if "validation" in raw and not streaming and len(raw["validation"]) == 0:
-        raise ValueError("empty dataset: the validation split has 0 rows")
+        raise InputError("empty dataset: the validation split has 0 rows")
     if max_train_samples is not None and not streaming:
         raw["train"] = raw["train"].select(range(min(max_train_samples, len(raw["train"]))))
     return Rows(source, mode, text_column if mode == "pretrain" else conversations_column, heldout)
@@ -62,10 +63,10 @@ def _train_columns(train, streaming):
     if streaming:
         first = next(iter(train), None)
         if first is None:
-            raise ValueError("empty dataset: the train split has no rows")
+            raise InputError("empty dataset: the train split has no rows")
         return train.column_names or list(first)
     if len(train) == 0:
-        raise ValueError("empty dataset: the train split has 0 rows")
+        raise InputError("empty dataset: the train split has 0 rows")
     return train.column_names
 
 
@@ -94,7 +95,7 @@ def tokenize(rows: Rows, tokenizer, *, block_size: int, validation_split_percent
     import contextlib
 
     if packing and rows.mode != "sft":
-        raise ValueError(f"--packing packs SFT conversations; this run is in {rows.mode} mode (pretraining text is "
+        raise InputError(f"--packing packs SFT conversations; this run is in {rows.mode} mode (pretraining text is "
                          "already packed into blocks)")
     common = dict(block_size=block_size, validation_split_percentage=validation_split_percentage, seed=seed,
                   num_proc=num_proc, streaming=streaming)
@@ -121,7 +122,7 @@ def tokenize(rows: Rows, tokenizer, *, block_size: int, validation_split_percent
 
 def _check_trainable(train, mode, block_size):
     if len(train) == 0:
-        raise ValueError(f"empty dataset: the training data yields no example of --block_size {block_size}"
+        raise InputError(f"empty dataset: the training data yields no example of --block_size {block_size}"
                          " tokens (too little text, or block size too large)")
     if mode == "sft" and not any(any(x != -100 for x in labels) for labels in train["labels"][:1000]):
-        raise ValueError(f"SFT data has no assistant tokens within --block_size {block_size}")
+        raise InputError(f"SFT data has no assistant tokens within --block_size {block_size}")

@@ -19,6 +19,8 @@ class Collator:
     def __call__(self, rows):
         if isinstance(rows, dict):  # datasets' __getitems__ may hand over columns
             rows = [dict(zip(rows, values)) for values in zip(*rows.values())]
+        if not rows:  # this process's empty share of a short last step: one padding token, no target
+            rows = [{"input_ids": [self.pad_token_id], "labels": [IGNORE_INDEX], "position_ids": [0]}]
         length = max(len(r["input_ids"]) for r in rows)
         input_ids = torch.full((len(rows), length), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
@@ -31,21 +33,38 @@ class Collator:
         return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 
+def steps_per_epoch(num_rows: int, step_rows: int) -> int:
+    """Optimizer steps in one pass over `num_rows` rows at `step_rows` rows a step, the last one shorter."""
+    return -(-num_rows // step_rows)
+
+
+def _share(rows, parts: int, index: int):
+    """Part `index` of `rows` cut into `parts` consecutive pieces as even as possible (the first ones one longer)."""
+    size, extra = divmod(len(rows), parts)
+    first = index * size + min(index, extra)
+    return rows[first:first + size + (index < extra)]
+
+
 class GlobalBatchSampler(torch.utils.data.Sampler):
     """This process's micro-batches of a seeded per-epoch shuffle, starting at a given micro-batch (for resume).
 
-    Global batch g (of per_device_batch_size * num_processes rows) is split across processes in rank order, so any
-    number of processes sees the same global batches. The order depends only on (seed, epoch).
+    Optimizer step s of an epoch takes rows s*S .. (s+1)*S of the shuffle, S = per_device_batch_size x num_processes
+    x accumulation; its rows are cut into `accumulation` micro-batches and each of those across the processes in rank
+    order. So any process count and any accumulation split of the same S see the same steps. The epoch's last step
+    takes the rows that are left; a process whose share of a micro-batch is empty gets no row (the collators then
+    give it one padding token without a target, so every process still runs the step). The order depends only on
+    (seed, epoch).
     """
 
     def __init__(self, num_rows, per_device_batch_size, num_processes, process_index, seed, epoch=0,
-                 start=0, shuffle=True):
-        self.num_rows, self.batch = num_rows, per_device_batch_size
+                 start=0, shuffle=True, accumulation=1):
+        self.num_rows, self.batch, self.accumulation = num_rows, per_device_batch_size, accumulation
         self.num_processes, self.process_index = num_processes, process_index
         self.seed, self.epoch, self.start, self.shuffle = seed, epoch, start, shuffle
 
     def global_batches(self):
-        return self.num_rows // (self.batch * self.num_processes)
+        """Micro-batches per epoch (of every process together)."""
+        return steps_per_epoch(self.num_rows, self.batch * self.num_processes * self.accumulation) * self.accumulation
 
     def __len__(self):
         return max(0, self.global_batches() - self.start)
@@ -56,10 +75,11 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
             order = torch.randperm(self.num_rows, generator=generator).tolist()
         else:
             order = list(range(self.num_rows))
-        size = self.batch * self.num_processes
+        step_rows = self.batch * self.num_processes * self.accumulation
         for g in range(self.start, self.global_batches()):
-            first = g * size + self.process_index * self.batch
-            yield order[first:first + self.batch]
+            step, micro = divmod(g, self.accumulation)
+            rows = order[step * step_rows:(step + 1) * step_rows]
+            yield _share(_share(rows, self.accumulation, micro), self.num_processes, self.process_index)
 
 
 @dataclass
@@ -70,6 +90,8 @@ class PackedCollator(Collator):
     def __call__(self, rows):
         if isinstance(rows, dict):
             rows = [dict(zip(rows, values)) for values in zip(*rows.values())]
+        if not rows:
+            rows = [{"input_ids": [self.pad_token_id], "labels": [IGNORE_INDEX], "position_ids": [0]}]
         batch = super().__call__(rows)
         positions = torch.zeros_like(batch["input_ids"])
         for i, row in enumerate(rows):
@@ -80,17 +102,20 @@ class PackedCollator(Collator):
 
 
 def micro_batches(train, collate, *, per_device_batch_size: int, num_processes: int, process_index: int, seed: int,
-                  start_micro: int, num_workers: int = 0, pin_memory: bool = False, streaming: bool = False):
-    """An endless iterator over this process's micro-batches, starting at global micro-batch `start_micro`."""
+                  start_micro: int, accumulation: int = 1, num_workers: int = 0, pin_memory: bool = False,
+                  streaming: bool = False):
+    """An endless iterator over this process's micro-batches, starting at global micro-batch `start_micro`
+    (streams: each process's shard in batches of `per_device_batch_size`, a shard's short tail skipped)."""
     if streaming:
         yield from _streamed_micro_batches(train, collate, per_device_batch_size, num_processes, process_index,
                                            start_micro)
         return
-    batches_per_epoch = len(train) // (per_device_batch_size * num_processes)
+    batches_per_epoch = GlobalBatchSampler(len(train), per_device_batch_size, num_processes, process_index, seed,
+                                           accumulation=accumulation).global_batches()
     epoch, offset = divmod(start_micro, batches_per_epoch)
     while True:
         sampler = GlobalBatchSampler(len(train), per_device_batch_size, num_processes, process_index, seed,
-                                     epoch=epoch, start=offset)
+                                     epoch=epoch, start=offset, accumulation=accumulation)
         # Its own generator: creating the iterator draws a worker seed, and from the global RNG that would shift
         # every later dropout mask of a resumed run (it creates the iterator at another step than the first run).
         generator = torch.Generator().manual_seed(seed * 1000003 + epoch)

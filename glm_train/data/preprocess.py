@@ -9,6 +9,7 @@ packed. Pretraining and SFT side by side:
 
 import itertools
 
+from ..errors import InputError
 from . import batches, sources
 
 
@@ -24,7 +25,7 @@ def carve_validation(raw, percentage: int, seed: int):
         return datasets.IterableDatasetDict({"train": raw["train"].skip(n), "validation": raw["train"].take(n)})
     train = raw["train"]
     if len(train) < 2:
-        raise ValueError(f"the train split has {len(train)} row(s): too few to carve a validation split; "
+        raise InputError(f"the train split has {len(train)} row(s): too few to carve a validation split; "
                          "give --validation_file or more data")
     split = train.train_test_split(test_size=max(1, len(train) * percentage // 100), seed=seed, shuffle=True)
     return datasets.DatasetDict({"train": split["train"], "validation": split["test"]})
@@ -66,7 +67,7 @@ def tokenize_sft(dataset, tokenizer, conversations_column: str, block_size: int,
             messages = sources.conversation_of(row[conversations_column])
             encoded = tokenizer.tokenize_conversation(messages, max_length=block_size, tools=sources.row_tools(row))
         except (ValueError, KeyError, TypeError) as error:
-            raise ValueError(f"malformed conversation in row {index}: {error}") from None
+            raise InputError(f"malformed conversation in row {index}: {error}") from None
         sources.check_conversation(messages, index)
         return {"input_ids": encoded["input_ids"], "labels": encoded["labels"]}
 

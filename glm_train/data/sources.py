@@ -13,6 +13,8 @@ import json
 import os
 from dataclasses import dataclass, field
 
+from ..errors import InputError
+
 
 def conversation_texts(rows, column: str = "conversations"):
     """Every string a conversation's tokens come from (contents, metadata, tool JSON, rendered tool calls): a
@@ -36,7 +38,7 @@ def _chat_parts(row, column, index):
     try:
         return glm.tokenization.chat_parts(conversation_of(row[column]), row_tools(row))
     except ValueError as error:
-        raise ValueError(f"malformed conversation in row {index}: {error}") from None
+        raise InputError(f"malformed conversation in row {index}: {error}") from None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -51,10 +53,10 @@ def data_files_builder(paths):
     for path in paths:
         extension = os.path.splitext(path)[1].lower()
         if extension not in EXTENSIONS:
-            raise ValueError(f"{path}: unsupported file type {extension!r}; use one of {sorted(EXTENSIONS)}")
+            raise InputError(f"{path}: unsupported file type {extension!r}; use one of {sorted(EXTENSIONS)}")
         kinds.add(EXTENSIONS[extension])
     if len(kinds) != 1:
-        raise ValueError(f"data files must share one type, got {sorted(kinds)}")
+        raise InputError(f"data files must share one type, got {sorted(kinds)}")
     return kinds.pop()
 
 
@@ -73,7 +75,7 @@ def read_json_rows(path):
         text = data.decode("utf-8")
     except UnicodeDecodeError as error:
         line = data.count(b"\n", 0, error.start) + 1
-        raise ValueError(f"{path} line {line}: invalid UTF-8 (byte {data[error.start]:#04x} at offset "
+        raise InputError(f"{path} line {line}: invalid UTF-8 (byte {data[error.start]:#04x} at offset "
                          f"{error.start}); the file must be UTF-8") from None
     del data
     if text.startswith("\ufeff"):
@@ -82,7 +84,7 @@ def read_json_rows(path):
         try:
             rows = json.loads(text)
         except json.JSONDecodeError as error:
-            raise ValueError(f"{path} line {error.lineno} column {error.colno}: malformed JSON: {error.msg}") from None
+            raise InputError(f"{path} line {error.lineno} column {error.colno}: malformed JSON: {error.msg}") from None
         labels = [f"{name} row {i}" for i in range(len(rows))]
     else:
         rows, labels = [], []
@@ -92,12 +94,12 @@ def read_json_rows(path):
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as error:
-                raise ValueError(f"{path} line {number} column {error.colno}: malformed JSON line: "
+                raise InputError(f"{path} line {number} column {error.colno}: malformed JSON line: "
                                  f"{error.msg}") from None
             labels.append(f"{name} line {number}")
     for row, label in zip(rows, labels):
         if not isinstance(row, dict):
-            raise ValueError(f"{label}: expected a JSON object (one row), got {type(row).__name__}")
+            raise InputError(f"{label}: expected a JSON object (one row), got {type(row).__name__}")
     return rows, labels
 
 
@@ -113,7 +115,7 @@ def _json_dataset(paths):
         rows += more
         labels += places
     if not rows:
-        raise ValueError(f"empty dataset: {', '.join(paths)} has no rows")
+        raise InputError(f"empty dataset: {', '.join(paths)} has no rows")
     columns = list(dict.fromkeys(key for row in rows for key in row))
     encoded = {column: [None if row.get(column) is None else row[column] if isinstance(row[column], str)
                         else json.dumps(row[column], ensure_ascii=False) for row in rows] for column in columns}
@@ -159,7 +161,7 @@ def load_source(dataset_name=None, dataset_config_name=None, train_file=None, va
         return Source(_with_train(datasets.load_dataset(dataset_name, dataset_config_name, streaming=streaming)))
     for path in (p for paths in files.values() for p in paths):
         if os.path.isfile(path) and os.path.getsize(path) == 0:
-            raise ValueError(f"empty dataset: {path} is empty")
+            raise InputError(f"empty dataset: {path} is empty")
     builder = data_files_builder([p for paths in files.values() for p in paths])
     if builder != "json":
         kwargs = {"keep_linebreaks": True} if builder == "text" else {}
@@ -175,7 +177,7 @@ def load_source(dataset_name=None, dataset_config_name=None, train_file=None, va
 
 def _with_train(raw):
     if "train" not in raw:
-        raise ValueError(f"dataset has no 'train' split (splits: {sorted(raw.keys())})")
+        raise InputError(f"dataset has no 'train' split (splits: {sorted(raw.keys())})")
     return raw
 
 
@@ -203,13 +205,13 @@ def check_rows(source: Source, mode: str, text_column: str, conversations_column
             where = labels[index] if labels else f"{split} split row {index}"
             if mode == "pretrain":
                 if not isinstance(value, str):
-                    raise ValueError(f"{where}: text column {column!r} must be a string, got "
+                    raise InputError(f"{where}: text column {column!r} must be a string, got "
                                      f"{type(value).__name__}: {value!r:.80}")
             else:
                 try:
                     check_messages(conversation_of(value), row_tools(row))
                 except ValueError as error:
-                    raise ValueError(f"malformed conversation in {where}: {error}") from None
+                    raise InputError(f"malformed conversation in {where}: {error}") from None
 
 
 def check_messages(messages, tools=None):
@@ -218,10 +220,10 @@ def check_messages(messages, tools=None):
     from local_glm import glm
 
     if not isinstance(messages, list) or not messages:
-        raise ValueError(f"expected a non-empty list of messages, got {messages!r:.80}")
+        raise InputError(f"expected a non-empty list of messages, got {messages!r:.80}")
     glm.tokenization.chat_parts(messages, tools)
     if not any(isinstance(m, dict) and m.get("role") == "assistant" for m in messages):
-        raise ValueError("no assistant message, nothing to learn")
+        raise InputError("no assistant message, nothing to learn")
 
 
 # Where conversations are found when --conversations_column is not given: ChatGLM3 datasets' name, then OpenAI's / TRL's.
@@ -241,14 +243,14 @@ def detect_mode(column_names, text_column: str, conversations_column: str, mode:
     columns = list(column_names or [])
     if mode == "pretrain" or (mode == "auto" and text_column in columns):
         if text_column not in columns:
-            raise ValueError(f"missing column: text column {text_column!r} not in dataset columns {columns}")
+            raise InputError(f"missing column: text column {text_column!r} not in dataset columns {columns}")
         return "pretrain"
     if mode == "sft" or (mode == "auto" and conversations_column in columns):
         if conversations_column not in columns:
-            raise ValueError(f"missing column: conversations column {conversations_column!r} not in dataset "
+            raise InputError(f"missing column: conversations column {conversations_column!r} not in dataset "
                              f"columns {columns}")
         return "sft"
-    raise ValueError(f"missing column: neither text column {text_column!r} nor conversations column "
+    raise InputError(f"missing column: neither text column {text_column!r} nor conversations column "
                      f"{conversations_column!r} is in dataset columns {columns} (see --text_column, "
                      "--conversations_column)")
 
@@ -260,7 +262,7 @@ def conversation_of(value):
         try:
             return json.loads(value)
         except json.JSONDecodeError as error:
-            raise ValueError(f"the conversation is a string but not JSON ({error.msg})") from None
+            raise InputError(f"the conversation is a string but not JSON ({error.msg})") from None
     return _drop_nulls(value)
 
 
@@ -276,9 +278,9 @@ def _drop_nulls(value):
 def check_conversation(messages, row: int):
     """What the tokenizer does not check: a conversation is a non-empty list with something to learn."""
     if not isinstance(messages, (list, tuple)) or not messages:
-        raise ValueError(f"malformed conversation in row {row}: expected a non-empty list of messages, "
+        raise InputError(f"malformed conversation in row {row}: expected a non-empty list of messages, "
                          f"got {messages!r:.80}")
     if not any(isinstance(m, dict) and m.get("role") == "assistant" for m in messages):
-        raise ValueError(f"malformed conversation in row {row}: no assistant message, nothing to learn")
+        raise InputError(f"malformed conversation in row {row}: no assistant message, nothing to learn")
 
 
