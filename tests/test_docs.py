@@ -98,3 +98,99 @@ def test_chat_doc_tool_call_example(demo_folder):
     body = body.replace(f"# response == {claimed}", f"assert response == {claimed}, response")
     out = run_python(preamble + body + "print(json.dumps(response, ensure_ascii=False))\n", cwd=demo_folder)
     assert json.loads(out.strip().splitlines()[-1]) == "北京今天晴"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Every shell command in README.md and docs/ runs as printed from a fresh shell: through scripts/, which set up and
+# enter the repository's environment (a plain `python` or `accelerate` fails outside it).
+
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+# What runs in a shell as printed: the scripts, or an external tool that docs/engines.md says how to get.
+RUNS_AS_PRINTED = re.compile(r"^((\w+=\S+ )*bash scripts/\w+\.sh|printf .* \| bash scripts/\w+\.sh|echo |C=|"
+                             r"llama-cli |--|train\.py |\\)")
+
+
+def shell_commands():
+    """(file, line) of every command line of the docs' bash blocks, continuation lines included."""
+    for path in DOCS:
+        for block in code_blocks(path.read_text(), "bash"):
+            for line in block.splitlines():
+                if line.strip() and not line.lstrip().startswith("#"):
+                    yield path.name, line.strip()
+
+
+def test_every_documented_command_goes_through_the_scripts():
+    commands = list(shell_commands())
+    assert len(commands) > 30  # the docs' commands are found
+    assert [c for c in commands if not RUNS_AS_PRINTED.match(c[1])] == []
+
+
+def fresh_shell_env(tmp_path):
+    """A new terminal's environment: no virtual environment active, nothing of this process's. GLM_REQUIREMENTS
+    names the test environment, which holds requirements.txt and more, so that the scripts enter it instead of
+    building the runtime one a user's first run builds."""
+    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": os.environ["HOME"], "HF_HUB_OFFLINE": "1",
+           "GLM_REQUIREMENTS": "requirements-test.txt"}
+    env.update({k: os.environ[k] for k in ("GLM_VENV_ROOT", "GLM_EXTRAS") if k in os.environ})
+    return env
+
+
+def documented(path, prefix):
+    """The documented command line that starts with `prefix`, split as a shell splits it (comment dropped)."""
+    line = next(c for name, c in shell_commands() if name == path and c.startswith(prefix))
+    return shlex.split(line, comments=True)
+
+
+@pytest.fixture(scope="module")
+def skills_folder(tmp_path_factory, workspace):
+    """A small saved model in output/glm-skills of a fresh folder, and a chats.jsonl of 40 conversations."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("user")
+    shutil.copytree(workspace / "base", root / "output" / "glm-skills")
+    lines = (workspace / "chats.jsonl").read_text().splitlines()[:40]
+    (root / "chats.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_documented_small_data_fine_tune_runs_as_printed(skills_folder):
+    """README's fine-tune of the main job's folder, from the user's folder (scripts/train.sh by its path): a new
+    folder named after the base, the base untouched, no launcher notice, and the few-steps notice."""
+    root = skills_folder
+    before = {p: p.read_bytes() for p in (root / "output" / "glm-skills").iterdir()}
+    command = documented("README.md", "bash scripts/train.sh --model_name_or_path output/glm-skills")
+    command[1] = str(ROOT / command[1])
+    result = subprocess.run(command + ["--block_size", "64"], cwd=root, env=fresh_shell_env(root),
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (root / "output" / "glm-skills-finetuned" / "model.safetensors").is_file()
+    assert {p: p.read_bytes() for p in (root / "output" / "glm-skills").iterdir()} == before
+    assert "were not passed to `accelerate launch`" not in result.stderr
+    assert "note: this run makes only 5 optimizer step(s)" in result.stdout  # 38 rows at 8 a step: 4 full, 6 left
+
+
+def test_documented_conversion_runs_as_printed(skills_folder, tmp_path):
+    command = documented("engines.md", "bash scripts/run.sh python convert_glm.py --to native")
+    command[-2:] = [str(skills_folder / "output" / "glm-skills"), str(tmp_path / "native")]
+    result = subprocess.run(command, cwd=ROOT, env=fresh_shell_env(tmp_path), capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((tmp_path / "native" / "config.json").read_text())["model_type"] == "glm"
+
+
+def test_rerunning_the_main_job_is_refused_in_one_line(tmp_path):
+    """bash scripts/main.sh a second time: the folder holds a finished run. One line says so and how to go on; no
+    traceback (train.py's or the launcher's); nothing changes."""
+    out = tmp_path / "glm-skills"
+    out.mkdir()
+    (out / "model.safetensors").write_bytes(b"weights")
+    (out / "config.json").write_text("{}")
+    command = documented("README.md", "bash scripts/main.sh")
+    result = subprocess.run(command + ["--output_dir", str(out)], cwd=ROOT, env=fresh_shell_env(tmp_path),
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"train.py: --output_dir {out} is not empty") and "--overwrite_output_dir" in last
+    assert result.stderr.count("is not empty") == 1
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
