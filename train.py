@@ -10,12 +10,13 @@ tokenizer, model), train, save. The parts live in glm_train/, one module per job
 flags, engine, data, model, checkpoint, loop, metrics, publish, skills.
 """
 
+import signal
 import sys
 import time
 
 from glm_train import flags
 from glm_train.checkpoint import Checkpointer
-from glm_train.errors import InputError, Refusal
+from glm_train.errors import InputError, Interrupted, Refusal
 
 
 def main(argv=None):
@@ -27,12 +28,22 @@ def main(argv=None):
                                 inputs={"--model_name_or_path": args.model_name_or_path,
                                         "--tokenizer_name": args.tokenizer_name})
     started = time.time()
-    accelerator = start_engine(args)
-    rows, tokenizer, splits, net, max_steps = build(args, accelerator, checkpointer)
-    net, log, summary = fit(args, accelerator, checkpointer, net, splits, max_steps, started)
-    save(args, accelerator, checkpointer, net, tokenizer, rows, log, summary)
+    signal.signal(signal.SIGTERM, stop)  # a scheduler's or `kill`'s stop ends as Ctrl-C does
+    try:
+        accelerator = start_engine(args)
+        rows, tokenizer, splits, net, max_steps = build(args, accelerator, checkpointer)
+        net, log, summary = fit(args, accelerator, checkpointer, net, splits, max_steps, started)
+        save(args, accelerator, checkpointer, net, tokenizer, rows, log, summary)
+    except KeyboardInterrupt:  # checkpoints are written whole or not at all: say which one to continue from
+        raise Interrupted(f"stopped before the end; the last complete checkpoint is "
+                          f"{checkpointer.last_description()}" + ("; continue with --resume_from_checkpoint "
+                          "latest" if checkpointer.last else "")) from None
     if accelerator.is_main_process:
         print(f"done in {time.time() - started:.0f}s; the model folder is {args.output_dir}")
+
+
+def stop(signum, frame):
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def start_engine(args):
@@ -100,7 +111,9 @@ def build(args, accelerator, checkpointer):
                             attn_implementation=args.attn_implementation, lora_r=args.lora_r,
                             gradient_checkpointing=args.gradient_checkpointing, lora_alpha=args.lora_alpha,
                             lora_dropout=args.lora_dropout)
-    checkpointer.start(accelerator, tokenizer if new_tokenizer else None)  # the first change to --output_dir
+    rows_trained = None if args.streaming else len(splits.train)
+    run = flags.step_settings(args, accelerator.num_processes, block_size, rows_trained, net.config)
+    checkpointer.start(accelerator, tokenizer if new_tokenizer else None, run)  # the first change to --output_dir
     if new_tokenizer:  # the same tokenizer, from where resumes will find it
         tokenizer = model.load_tokenizer(checkpointer.output_dir / "tokenizer")
     n_params = sum(engine.param_numel(p) for p in net.parameters())
@@ -138,15 +151,15 @@ def fit(args, accelerator, checkpointer, net, splits, max_steps, started):
         num_workers=args.dataloader_num_workers,
         pin_memory=accelerator.device.type == "cuda", streaming=args.streaming)
     peak = metrics.peak_flops(accelerator.device, args.peak_tflops) * accelerator.num_processes
-    progress = tqdm(range(start_step, max_steps), initial=start_step, total=max_steps, desc="training",
-                    disable=not accelerator.is_local_main_process)
     schedule = loop.Schedule(max_steps, args.gradient_accumulation_steps, args.max_grad_norm, args.logging_steps,
                              args.eval_steps, args.per_device_eval_batch_size)
-    loss, eval_loss, perplexity = loop.train(
-        accelerator, net, optimizer, scheduler, batches, schedule, start_step=start_step,
-        validation=splits.validation, eval_collate=splits.eval_collate, checkpointer=checkpointer, log=log,
-        throughput=metrics.Throughput(accelerator.unwrap_model(net), config, peak), progress=progress,
-        started=started)
+    with tqdm(range(start_step, max_steps), initial=start_step, total=max_steps, desc="training",
+              disable=not accelerator.is_local_main_process) as progress:  # closed on a stop too, before its line
+        loss, eval_loss, perplexity = loop.train(
+            accelerator, net, optimizer, scheduler, batches, schedule, start_step=start_step,
+            validation=splits.validation, eval_collate=splits.eval_collate, checkpointer=checkpointer, log=log,
+            throughput=metrics.Throughput(accelerator.unwrap_model(net), config, peak), progress=progress,
+            started=started)
     checkpointer.ensure_finite(net, max_steps)
     return net, log, {"steps": max_steps, "final_loss": loss, "eval_loss": eval_loss, "perplexity": perplexity}
 
@@ -156,8 +169,8 @@ def save(args, accelerator, checkpointer, net, tokenizer, rows, log, summary):
     from glm_train import publish
 
     output_dir = checkpointer.output_dir
-    publish.save_output(accelerator, net, tokenizer, output_dir, run_facts(args, rows.mode), summary,
-                        args.max_shard_size)
+    facts = publish.RunFacts(**flags.card_facts(args, rows.mode))
+    publish.save_output(accelerator, net, tokenizer, output_dir, facts, summary, args.max_shard_size)
     accelerator.end_training()
     if not accelerator.is_main_process:
         return
@@ -174,23 +187,11 @@ def save(args, accelerator, checkpointer, net, tokenizer, rows, log, summary):
                             private=args.hub_private)
 
 
-def run_facts(args, mode):
-    """What the model card says about this run."""
-    from glm_train.publish import RunFacts
-
-    data = ("built-in generated bilingual chat data (addition, weather tool call)" if args.builtin
-            else args.dataset_name or ", ".join(f for f in (args.train_file, args.validation_file) if f))
-    return RunFacts(base=args.model_name_or_path, config_name=args.config_name, data=data, mode=mode,
-                    method="LoRA" if args.lora_r else "P-tuning v2" if args.pre_seq_len else "full",
-                    batch=f"{args.per_device_train_batch_size} per device x {args.gradient_accumulation_steps} "
-                          "accumulation",
-                    learning_rate=f"{args.learning_rate} ({args.lr_scheduler_type}, {args.num_warmup_steps} warmup "
-                                  "steps)",
-                    name=args.hub_model_id, lora=bool(args.lora_r), merged=args.merge_lora)
-
-
 if __name__ == "__main__":
     try:
         main()
     except Refusal as refusal:  # bad input or setup: the message names it; a traceback would bury it
         sys.exit(f"train.py: {refusal}")
+    except Interrupted as interrupted:
+        print(f"train.py: {interrupted}", file=sys.stderr)
+        sys.exit(130)

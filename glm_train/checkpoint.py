@@ -77,13 +77,17 @@ class Checkpointer:
         raise InputError(f"cannot resume from {self.resume_from}: the tokenizer its run trained is neither "
                                 f"in {run_dir / TOKENIZER_COPY} nor in {run_dir}; give it with --tokenizer_name")
 
-    def start(self, accelerator, tokenizer=None):
+    def start(self, accelerator, tokenizer=None, run=None):
         """The first change to the folder, once data, tokenizer and model are ready and every check has passed:
         create it, remove what the constructor planned, and write a from-scratch run's new `tokenizer` where resumes
-        find it (whole into TOKENIZER_TEMPORARY, fsynced, renamed to TOKENIZER_COPY)."""
-        self.accelerator = accelerator
+        find it (whole into TOKENIZER_TEMPORARY, fsynced, renamed to TOKENIZER_COPY). `run` holds what a step of this
+        run means ({setting: value}: batch, accumulation, processes, data, model, adapter); every checkpoint records
+        it, and a resume whose `run` differs is refused, naming each difference."""
+        self.accelerator, self.run = accelerator, dict(run or {})
         # A checkpoint that cannot be resumed exactly is refused before the folder changes.
         self.start_step = check_checkpoint(self.resume_from, accelerator.num_processes) if self.resume_from else 0
+        if self.resume_from:
+            check_same_run(self.resume_from, self.run)
         work, temporary = self.output_dir / TOKENIZER_COPY, self.output_dir / TOKENIZER_TEMPORARY
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
@@ -123,7 +127,7 @@ class Checkpointer:
         if not (self.every and step % self.every == 0):
             return False
         self.ensure_finite(model, step)
-        self.last = save_checkpoint(self.accelerator, self.folder, step, {"step": step}, self.keep)
+        self.last = save_checkpoint(self.accelerator, self.folder, step, {"step": step, "run": self.run}, self.keep)
         return True
 
     def ensure_finite(self, model, step: int):
@@ -319,6 +323,22 @@ def find_checkpoint(resume_from, output_dir: Path):
     if not (path / CHECKPOINT_MARKER).exists():
         raise InputError(f"--resume_from_checkpoint {path} is not a complete checkpoint (no {CHECKPOINT_MARKER})")
     return path
+
+
+def check_same_run(checkpoint: Path, run: dict):
+    """A step means the rows it trains on and what they update: a resume under other settings would skip or repeat
+    rows and mislabel the run. Refuses, naming each setting that differs from what the checkpoint recorded."""
+    recorded = json.loads((checkpoint / TRAINER_STATE).read_text()).get("run")
+    if recorded is None:
+        print(f"note: {checkpoint} records no run settings (an older train.py wrote it): resuming without "
+              "comparing them")
+        return
+    differences = [f"{key}: {recorded.get(key)!r} in the checkpoint, {run.get(key)!r} now"
+                   for key in sorted(set(recorded) | set(run)) if recorded.get(key) != run.get(key)]
+    if differences:
+        raise InputError(f"cannot resume from {checkpoint}: this run's settings differ from the ones it was "
+                         f"written with ({'; '.join(differences)}). Resume with the same settings, or start over "
+                         "with --overwrite_output_dir (or another --output_dir).")
 
 
 def check_checkpoint(checkpoint: Path, num_processes: int) -> int:

@@ -13,3 +13,7 @@ class InputError(Refusal, ValueError):
 
 class EngineError(Refusal, RuntimeError):
     """A distributed engine or process count that `accelerate launch` asked for and cannot have."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM during a run: train.py says which checkpoint to continue from, in one line."""

@@ -221,3 +221,34 @@ def check_flag_values(parser, args):
         parser.error("--lora_alpha / --lora_dropout need --lora_r")
     if args.overwrite_output_dir and args.resume_from_checkpoint:
         parser.error("choose one of --overwrite_output_dir (start over) and --resume_from_checkpoint (continue)")
+
+
+def step_settings(args, processes: int, block_size: int, training_rows: int, config) -> dict:
+    """What one optimizer step means: the rows it takes and what they update. Checkpoints record it; a resume under
+    other settings is refused (checkpoint.check_same_run)."""
+    data = (f"{args.dataset_name} {args.dataset_config_name or ''}".strip() if args.dataset_name else
+            ", ".join(f for f in (args.train_file, args.validation_file) if f) or
+            f"built-in ({args.builtin_train_examples} examples)")
+    adapter = (f"LoRA r={args.lora_r} alpha={args.lora_alpha or 2 * args.lora_r} dropout={args.lora_dropout}"
+               if args.lora_r else f"P-tuning v2 prefix {args.pre_seq_len}{' projected' * args.prefix_projection}"
+               if args.pre_seq_len else "full")
+    model = (f"{config.num_layers} layers, hidden {config.hidden_size}, ffn {config.ffn_hidden_size}, "
+             f"{config.num_attention_heads} heads x {config.kv_channels} in {config.multi_query_group_num} groups, "
+             f"vocab {config.padded_vocab_size}, seq_length {config.seq_length}")
+    return {"--per_device_train_batch_size": args.per_device_train_batch_size,
+            "--gradient_accumulation_steps": args.gradient_accumulation_steps, "processes": processes,
+            "--seed": args.seed, "--block_size": block_size, "--packing": args.packing, "data": data,
+            "training rows": "streamed" if args.streaming else training_rows, "model": model,
+            "adapter": adapter}
+
+
+def card_facts(args, mode: str) -> dict:
+    """What the model card says about the run (publish.RunFacts' fields)."""
+    data = ("built-in generated bilingual chat data (addition, weather tool call)" if args.builtin
+            else args.dataset_name or ", ".join(f for f in (args.train_file, args.validation_file) if f))
+    return dict(base=args.model_name_or_path, config_name=args.config_name, data=data, mode=mode,
+                method="LoRA" if args.lora_r else "P-tuning v2" if args.pre_seq_len else "full",
+                batch=f"{args.per_device_train_batch_size} per device x {args.gradient_accumulation_steps} "
+                      "accumulation",
+                learning_rate=f"{args.learning_rate} ({args.lr_scheduler_type}, {args.num_warmup_steps} warmup steps)",
+                name=args.hub_model_id, lora=bool(args.lora_r), merged=args.merge_lora)

@@ -16,6 +16,7 @@ from train_helpers import (TINY, assert_same_weights, common, fake_finished_run,
 
 import train
 from glm_train import checkpoint
+from glm_train.errors import InputError
 from glm_train.data import sources
 
 
@@ -231,3 +232,51 @@ def test_a_fine_tune_without_output_dir_writes_a_new_folder_named_after_the_base
                 "--max_train_steps", "1", "--block_size", "64", "--per_device_train_batch_size", "8"])
     assert (tmp_path / "output" / "glm-skills-finetuned" / "model.safetensors").is_file()
     assert snapshot(base) == before
+
+
+@pytest.fixture(scope="module")
+def lora_run(workspace):
+    """A finished 2-step LoRA fine-tune with its step-2 checkpoint, to resume under changed settings."""
+    out = workspace / "lora-resume"
+    train.main(lora_argv(workspace, out))
+    return out
+
+
+def lora_argv(workspace, out, *extra):
+    return ["--model_name_or_path", str(workspace / "base"), "--train_file", str(workspace / "chats.jsonl"),
+            "--output_dir", str(out), "--lora_r", "4", "--max_train_steps", "2", "--checkpointing_steps", "2",
+            "--per_device_train_batch_size", "8", "--block_size", "64", *extra]
+
+
+@pytest.mark.parametrize("change, named", [
+    (["--per_device_train_batch_size", "4"], "--per_device_train_batch_size: 8 in the checkpoint, 4 now"),
+    (["--gradient_accumulation_steps", "2"], "--gradient_accumulation_steps: 1 in the checkpoint, 2 now"),
+    (["--train_file", "OTHER"], "data: '{chats}' in the checkpoint, '{other}' now"),
+    (["--lora_r", "8"], "adapter: 'LoRA r=4 alpha=8 dropout=0.0' in the checkpoint, 'LoRA r=8 alpha=16"),
+    (["--lora_r", None], "adapter: 'LoRA r=4 alpha=8 dropout=0.0' in the checkpoint, 'full' now"),
+    (["--block_size", "128"], "--block_size: 64 in the checkpoint, 128 now"),
+])
+def test_resume_under_other_step_settings_is_refused_naming_them(workspace, lora_run, tmp_path, change, named):
+    """A step means its rows and what they update: a resume that would count steps in another batch size, train on
+    other data or another adapter stops before any write, naming each difference (it used to go on silently, or
+    end in 17 lines of state_dict size mismatches)."""
+    other = write_jsonl(tmp_path / "other.jsonl", [json.loads(line) for line in
+                                                  (workspace / "chats.jsonl").read_text().splitlines()[:40]])
+    argv = lora_argv(workspace, lora_run, "--max_train_steps", "4", "--resume_from_checkpoint", "latest")
+    flag, value = change
+    position = argv.index(flag) if flag in argv else None
+    if value is None:
+        del argv[position:position + 2]
+    elif position is not None:
+        argv[position + 1] = str(other) if value == "OTHER" else value
+    else:
+        argv += [flag, value]
+    before = snapshot(lora_run)
+    with pytest.raises(InputError, match="cannot resume from .*step-0000002: this run's settings differ") as error:
+        train.main(argv)
+    assert named.format(chats=workspace / "chats.jsonl", other=other) in str(error.value)
+    assert snapshot(lora_run) == before
+    # The same settings resume (for more steps).
+    if change == ["--block_size", "128"]:
+        train.main(lora_argv(workspace, lora_run, "--max_train_steps", "3", "--resume_from_checkpoint", "latest"))
+        assert max(losses(lora_run)) == 3

@@ -7,12 +7,14 @@ import math
 import re
 import os
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import ROOT, glm
 from safetensors.torch import load_file
-from train_helpers import (ACCELERATE, CPU_DDP, CPU_ONE, assert_same_weights, common, losses, metrics, run_script,
+from train_helpers import (ACCELERATE, CPU_DDP, CPU_ONE, ENV, assert_same_weights, common, losses, metrics, run_script,
                            weights, write_jsonl)
 
 import train
@@ -217,3 +219,29 @@ def test_a_few_steps_are_announced_and_the_short_last_step_is_trained(workspace,
     assert "note: this run makes only 2 optimizer step(s), 1 epoch(s) of 12 training examples at 8 a step; the " \
            "learning rate of each step: 5e-05, 2.5e-05." in printed
     assert [r["lr"] for r in metrics(out) if "lr" in r] == pytest.approx([5e-5, 2.5e-5])
+
+
+@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
+def test_a_stopped_run_says_in_one_line_which_checkpoint_to_continue_from(workspace, tmp_path, signal_name):
+    """Ctrl-C (or a scheduler's SIGTERM) after the first checkpoint: one line naming it and how to continue, no
+    KeyboardInterrupt traceback; the checkpoint resumes."""
+    import signal
+    import time
+
+    out = tmp_path / "out"
+    argv = common(workspace, out, "--train_file", str(workspace / "train.txt"), "--max_train_steps", "100000",
+                  "--per_device_train_batch_size", "8", "--checkpointing_steps", "2")
+    process = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *argv], cwd=ROOT, env=ENV,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not checkpoint.complete_checkpoints(out / "checkpoints") and time.time() < deadline:
+        time.sleep(0.5)
+    process.send_signal(getattr(signal, signal_name))
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    last = re.split(r"[\r\n]+", stderr.strip())[-1]  # after the progress bar's last redraw
+    assert last.startswith("train.py: stopped before the end; the last complete checkpoint is ")
+    assert last.endswith("; continue with --resume_from_checkpoint latest")
+    named = Path(last.split("checkpoint is ")[1].split(";")[0])
+    assert named in checkpoint.complete_checkpoints(out / "checkpoints")
