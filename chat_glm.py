@@ -1,6 +1,7 @@
 """The original ChatGLM chat API (chat, stream_chat, quantize) on top of transformers' public generate().
 
-`ChatMixin` gives ChatGLMForConditionalGeneration the methods users of THUDM's code call (GLM_SPEC.md section 6):
+`ChatMixin` gives ChatGLMForConditionalGeneration the methods users of THUDM's code call (docs/architecture.md
+section 6):
 
     >>> response, history = model.chat(tokenizer, "你好", history=[])
     >>> for response, history in model.stream_chat(tokenizer, "讲个笑话", history=history):
@@ -8,7 +9,8 @@
     >>> model.quantize(8)  # or 4: weight-only int8/int4 of the block matrices, with torchao
 
 Everything runs through `generate()`; streaming uses a `BaseStreamer` fed from a generate() thread. Tool calls
-(GLM_SPEC.md section 5) are parsed by `parse_tool_call`, which accepts literals only and never evaluates code.
+(docs/architecture.md section 5) are parsed by `parse_tool_call`, which accepts literals only and never evaluates
+code.
 """
 
 import ast

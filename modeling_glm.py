@@ -1,8 +1,8 @@
 """The GLM architecture (ChatGLM2/3-6B, GLM-4-9B) for transformers, loadable with `trust_remote_code=True`.
 
-Module and parameter names are the checkpoint keys THUDM published (GLM_SPEC.md section 2); everything else follows
-transformers' own decoder models: attention dispatched through `ALL_ATTENTION_FUNCTIONS`, the KV cache as a `Cache`
-object, generation from `GenerationMixin`, untouched.
+Module and parameter names are the checkpoint keys THUDM published (docs/architecture.md section 2); everything
+else follows transformers' own decoder models: attention dispatched through `ALL_ATTENTION_FUNCTIONS`, the KV cache as
+a `Cache` object, generation from `GenerationMixin`, untouched.
 
 Example:
     >>> from transformers import AutoModelForCausalLM
@@ -193,7 +193,7 @@ def apply_rotary_pos_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) 
 
 
 def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
-    """Reference attention: grouped K/V expanded, scores and softmax in fp32 (GLM_SPEC section 3)."""
+    """Reference attention: grouped K/V expanded, scores and softmax in fp32 (docs/architecture.md section 3)."""
     groups = module.num_key_value_groups
     key = key.repeat_interleave(groups, dim=1)
     value = value.repeat_interleave(groups, dim=1)
@@ -231,7 +231,8 @@ def _grouped_single_query_sdpa(query, key, value, attention_mask, scaling):
     K/V head once. The same rewrite transformers' sdpa_attention_forward makes for one query token outside
     torch.compile (`pack_gqa`, 5.x); under compile, and on 4.57, it repeats K/V into a copy of the whole cache per
     layer and step instead, which costs a decoding step more the longer the context (docs/performance.md).
-    Head h uses K/V group h // n_rep, as repeat_kv and GLM_SPEC's expansion do. Returns [batch, heads, dim]."""
+    Head h uses K/V group h // n_rep, as repeat_kv and the expansion of docs/architecture.md section 3 do.
+    Returns [batch, heads, dim]."""
     batch, heads, _, dim = query.shape
     kv_heads = key.shape[1]
     query = query.reshape(batch, kv_heads, heads // kv_heads, dim)

@@ -21,7 +21,7 @@ process_response = chat_glm.process_response
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Tool-call parsing (GLM_SPEC section 5)
+# Tool-call parsing (docs/architecture.md section 5)
 
 TOOLS = [{"name": "get_weather", "description": "天气", "parameters": {"type": "object",
           "properties": {"city": {"type": "string"}}, "required": ["city"]}}]

@@ -20,7 +20,7 @@ modeling = glm.modeling
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Golden outputs of the original THUDM code (GLM_SPEC section 7)
+# Golden outputs of the original THUDM code (docs/architecture.md section 7)
 
 GOLDEN_WEIGHTS = [
     ("embedding.word_embeddings.weight", (5, 32)),
@@ -400,7 +400,7 @@ def test_root_generation_config_stops_at_every_chatglm3_stop_token():
     from transformers import GenerationConfig
 
     generation = GenerationConfig.from_pretrained(ROOT)
-    # </s>, <|user|>, <|observation|> (GLM_SPEC section 5), and the original chat() sampling defaults.
+    # </s>, <|user|>, <|observation|> (docs/architecture.md section 5), and the original chat() sampling defaults.
     assert generation.eos_token_id == [2, 64795, 64797] and generation.pad_token_id == 0
     assert (generation.do_sample, generation.top_p, generation.temperature, generation.max_length) == (
         True, 0.8, 0.8, 8192)
@@ -615,7 +615,7 @@ def test_training_keeps_no_vocabulary_sized_tensor_and_eval_returns_logits():
 
 def test_rmsnorm_rotary_and_swiglu_functions_gradcheck():
     torch.manual_seed(13)
-    # RMSNorm computes in fp32 whatever the input (GLM_SPEC section 3): compare with autograd on the plain formula.
+    # RMSNorm computes in fp32 whatever the input (docs/architecture.md section 3): checked against plain autograd.
     x = torch.randn(2, 3, 8, requires_grad=True)
     weight = torch.randn(8, requires_grad=True)
     grad_output = torch.randn(2, 3, 8)

@@ -48,7 +48,7 @@ def test_root_loads_through_auto_classes_in_a_fresh_process():
     out = json.loads(result.stdout.strip().splitlines()[-1])
     assert out["model"] == "ChatGLMForConditionalGeneration"
     assert out["params"] == 6_243_584_000
-    assert out["hello"] == [64790, 64792, 36474, 54591]  # GLM_SPEC section 5
+    assert out["hello"] == [64790, 64792, 36474, 54591]  # docs/architecture.md section 5
     assert out["prompt"] == [64790, 64792, 64795, 30910, 13, 36474, 54591, 64796]
     assert out["stops"] == out["eos"] == [2, 64795, 64797]
     assert out["padding_side"] == "left" and out["vocab"] == 64798
