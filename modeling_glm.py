@@ -2,14 +2,14 @@
 
 Module and parameter names are the checkpoint keys THUDM published (docs/architecture.md section 2); everything
 else follows transformers' own decoder models: attention dispatched through `ALL_ATTENTION_FUNCTIONS`, the KV cache as
-a `Cache` object, generation from `GenerationMixin`, untouched.
+a `Cache` object, generation from `GenerationMixin`, untouched. What differs between transformers versions is in
+compat_glm.py.
 
 Example:
     >>> from transformers import AutoModelForCausalLM
     >>> model = AutoModelForCausalLM.from_pretrained("THUDM/chatglm3-6b", trust_remote_code=True)
 """
 
-import inspect
 import math
 from typing import Optional
 
@@ -28,44 +28,9 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .chat_glm import ChatMixin
+from .compat_glm import CACHE_FIELD, cache_of, causal_mask
 from .configuration_glm import ChatGLMConfig
-
-# transformers 5.x renamed the cache argument and output field `past_key_values` to `cache`; 4.57 uses the old name.
-CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
-
-
-def _cache_of(outputs):
-    """The Cache held by a model output, whichever name this transformers version gives it."""
-    return getattr(outputs, CACHE_FIELD)
-
-
-# transformers 5.x: create_causal_mask(config, inputs_embeds, attention_mask, cache, position_ids) takes the query
-# offset from the cache; 4.57: (config, input_embeds, attention_mask, cache_position, past_key_values, position_ids).
-_MASK_TAKES_CACHE = "cache" in inspect.signature(masking_utils.create_causal_mask).parameters
-
-
-def _causal_mask(config, inputs_embeds, attention_mask, cache, cache_position, position_ids):
-    """transformers' own mask for the configured attention (sdpa/eager/flex/flash, static caches, packed rows)."""
-    if _MASK_TAKES_CACHE:
-        return masking_utils.create_causal_mask(config=config, inputs_embeds=inputs_embeds,
-                                                attention_mask=attention_mask, cache=cache, position_ids=position_ids)
-    if torch.jit.is_tracing() and _stock_vmap_mask(config):
-        # 4.57 builds sdpa/eager masks with torch.vmap, which jit.trace cannot record (an opaque C++ error). A mask
-        # function registered in their place (AttentionMaskInterface; optimum's ONNX exporter registers vmap-free
-        # ones while it traces) is used as it is.
-        raise RuntimeError("TorchScript tracing (torch.onnx.export(..., dynamo=False), optimum's exporter) needs "
-                           "transformers >= 5.0 with this model: transformers 4.57 builds the attention mask with "
-                           "torch.vmap, which torch.jit.trace cannot record. Use torch.onnx.export(..., dynamo=True) "
-                           "or a newer transformers.")
-    return masking_utils.create_causal_mask(config=config, input_embeds=inputs_embeds, attention_mask=attention_mask,
-                                            cache_position=cache_position, past_key_values=cache,
-                                            position_ids=position_ids)
-
-
-def _stock_vmap_mask(config) -> bool:
-    """Whether 4.57's own vmap-built sdpa or eager mask function is the one registered for this attention."""
-    registered = masking_utils.ALL_MASK_ATTENTION_FUNCTIONS.get(config._attn_implementation or "sdpa")
-    return registered in (masking_utils.sdpa_mask, masking_utils.eager_mask)
+from .quantization_glm import quantize
 
 
 def _tracing() -> bool:
@@ -520,8 +485,7 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         created_cache = use_cache and cache is None
         if created_cache:
             cache = DynamicCache()
-        # generate() passes cache_position on transformers 4.57 (static caches there need it: their length is a
-        # data-dependent count); 5.x passes none and its caches count themselves, as a tensor for static ones.
+        # generate() passes cache_position on transformers 4.57 (compat_glm.pop_cache_position).
         cache_position = kwargs.pop("cache_position", None)
         prefix = None
         if prefix_len:
@@ -561,7 +525,7 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
                 and not (attention_mask is not None and attention_mask.dim() == 4)):
             mask = _flex_block_mask(attention_mask, position_ids, mask_cache, batch, q_len, device)
         else:
-            mask = _causal_mask(config, inputs_embeds, attention_mask, mask_cache, cache_position, position_ids)
+            mask = causal_mask(config, inputs_embeds, attention_mask, mask_cache, cache_position, position_ids)
         # Flash attention derives packed rows' cu_seqlens from position_ids when no mask is given; flex takes no
         # position_ids (with torch 2.13 on CPU, passing them on breaks inductor's flex kernel, as in native Glm).
         if config._attn_implementation != "flex_attention":
@@ -767,6 +731,16 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin, C
     def set_output_embeddings(self, new_embeddings):
         self.transformer.output_layer = new_embeddings
 
+    def quantize(self, bits: int):
+        """Weight-only int8 or int4 of every block's four matrices, in place, with torchao (quantization_glm.py).
+        Returns self.
+
+        Example:
+            >>> model = AutoModel.from_pretrained(path, trust_remote_code=True, dtype=torch.bfloat16).quantize(4)
+        """
+        return quantize(self, bits)
+
+
     def forward(
         self,
         input_ids: Optional[torch.LongTensor] = None,
@@ -816,7 +790,7 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin, C
             logits=logits,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
-            **{CACHE_FIELD: _cache_of(outputs)},
+            **{CACHE_FIELD: cache_of(outputs)},
         )
         return result if return_dict else result.to_tuple()
 

@@ -11,6 +11,7 @@ from conftest import ROOT, glm, tiny_config
 from model_helpers import left_padded_batch, static_cache
 
 modeling = glm.modeling
+compat = sys.modules["glm_hf.compat_glm"]
 
 
 def _model(seed=0, **overrides):
@@ -166,7 +167,7 @@ def test_onnx_export_logits_match_eager_in_onnxruntime(dynamo, tmp_path):
     ids, mask = left_padded_batch(model.config.padded_vocab_size, [8, 5])
     wrapper = _Logits(model)
     path = tmp_path / "model.onnx"
-    if not dynamo and not modeling._MASK_TAKES_CACHE:  # transformers 4.57: refused, saying why
+    if not dynamo and not compat.MASK_TAKES_CACHE:  # transformers 4.57: refused, saying why
         with pytest.raises(RuntimeError, match="dynamo=True"), torch.no_grad():
             torch.onnx.export(wrapper, (ids, mask), str(path), dynamo=False)
         return
