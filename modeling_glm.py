@@ -20,6 +20,7 @@ from transformers import GenerationMixin, PreTrainedModel, masking_utils
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
+    BaseModelOutput,
     BaseModelOutputWithPast,
     CausalLMOutputWithPast,
     SequenceClassifierOutputWithPast,
@@ -28,7 +29,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .chat_glm import ChatMixin
-from .compat_glm import CACHE_FIELD, cache_of, causal_mask
+from .compat_glm import CACHE_FIELD, cache_of, causal_mask, pop_cache_position
 from .configuration_glm import ChatGLMConfig
 from .quantization_glm import quantize
 
@@ -331,6 +332,34 @@ class GLMTransformer(nn.Module):
         self.layers = nn.ModuleList([GLMBlock(config, i) for i in range(config.num_layers)])
         self.final_layernorm = _norm(config, config.hidden_size) if config.post_layer_norm else None
 
+    def forward(self, hidden_states, attention_mask, position_embeddings, cache=None, prefix=None,
+                output_attentions=False, output_hidden_states=False, **kwargs) -> BaseModelOutput:
+        """Every block, then the final norm. `prefix`: a P-tuning prefix's per-layer (key, value) when no cache
+        holds it (use_cache=False); `kwargs` go to every block (cache_position, attention kwargs)."""
+        all_hidden_states = () if output_hidden_states else None
+        all_attentions = () if output_attentions else None
+        for layer_idx, layer in enumerate(self.layers):
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            # No cache to hold the prefix: give this layer a one-layer cache holding it.
+            layer_cache = cache if prefix is None else _PrefixOnlyCache(layer_idx, *prefix[layer_idx])
+            hidden_states, weights = layer(
+                hidden_states,
+                attention_mask=attention_mask,
+                position_embeddings=position_embeddings,
+                cache=layer_cache,
+                output_attentions=output_attentions,
+                **kwargs,  # e.g. flash attention's cu_seq_lens_q/k, max_length_q/k for packed rows
+            )
+            if output_attentions:
+                all_attentions += (weights,)
+        if self.final_layernorm is not None:
+            hidden_states = self.final_layernorm(hidden_states)
+        if output_hidden_states:
+            all_hidden_states += (hidden_states,)
+        return BaseModelOutput(last_hidden_state=hidden_states, hidden_states=all_hidden_states,
+                               attentions=all_attentions)
+
 
 class Embedding(nn.Module):
     """Token embeddings only: GLM has no absolute positions and no embedding scaling."""
@@ -460,7 +489,7 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         **kwargs,
     ):
         config = self.config
-        cache = cache if cache is not None else past_key_values
+        cache = cache if cache is not None else past_key_values  # either name, on every transformers version
         output_attentions = output_attentions if output_attentions is not None else config.output_attentions
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else config.output_hidden_states
@@ -469,101 +498,114 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         use_cache = use_cache if use_cache is not None else config.use_cache
         if self.gradient_checkpointing and self.training:
             use_cache = False
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("ChatGLMModel.forward needs exactly one of input_ids or inputs_embeds")
-        if cache is not None and not isinstance(cache, Cache):
-            raise TypeError(
-                f"past_key_values must be a transformers Cache (e.g. DynamicCache), got {type(cache).__name__}; "
-                "legacy tuples of tensors are not supported"
-            )
+        _check_inputs(input_ids, inputs_embeds, cache)
+
         if inputs_embeds is None:
             inputs_embeds = self.embedding(input_ids)
-        batch, q_len = inputs_embeds.shape[:2]
-        device = inputs_embeds.device
-
-        prefix_len = _prefix_length(config)
         created_cache = use_cache and cache is None
         if created_cache:
             cache = DynamicCache()
-        # generate() passes cache_position on transformers 4.57 (compat_glm.pop_cache_position).
-        cache_position = kwargs.pop("cache_position", None)
-        prefix = None
-        if prefix_len:
-            # P-tuning v2 (eager only, not compile-clean): the prefix enters the cache on the first step. Our own
-            # count then, because generate()'s leaves the prefix out and a continued conversation's includes it.
-            cache_position = None
-            if (cache.get_seq_length() if cache is not None else 0) == 0:
-                prefix = self.get_prompt(batch, device, inputs_embeds.dtype)
-                if cache is not None:
-                    prefix_position = torch.arange(prefix_len, device=device)
-                    for layer_idx, (key, value) in enumerate(prefix):
-                        cache.update(key, value, layer_idx, {"cache_position": prefix_position})
-                    prefix = None
-        if cache_position is None:
-            past_len = cache.get_seq_length() if cache is not None else (prefix_len if prefix is not None else 0)
-            cache_position = torch.arange(q_len, device=device) + past_len  # a tensor sum: no data-dependent guard
-        # Positions count real tokens only: a P-tuning prefix sits before position 0.
+        prefix = self._prefix_into_cache(cache, inputs_embeds)
+        cache_position = self._cache_position(pop_cache_position(kwargs), cache, prefix, inputs_embeds)
         if position_ids is None:
-            if attention_mask is not None and attention_mask.dim() == 2:
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -q_len:]
-            else:
-                position_ids = (cache_position - prefix_len).unsqueeze(0).expand(batch, -1)
-        position_ids = position_ids.to(device)
+            position_ids = self._position_ids(attention_mask, cache_position, inputs_embeds)
+        position_ids = position_ids.to(inputs_embeds.device)
         position_embeddings = self.rotary_pos_emb(position_ids, inputs_embeds.dtype)
-
-        mask_cache = cache
-        if attention_mask is not None and attention_mask.dim() == 2 and prefix_len:
-            # The caller's mask covers the real tokens; the prefix is always visible.
-            attention_mask = F.pad(attention_mask.to(device=device, dtype=torch.bool), (prefix_len, 0), value=True)
-        if prefix is not None:
-            # No cache but a prefix (use_cache=False): size the mask by a cache holding the prefix alone.
-            mask_cache = DynamicCache()
-            mask_cache.update(*prefix[0], 0, {"cache_position": torch.arange(prefix_len, device=device)})
-        elif created_cache and not prefix_len:
-            mask_cache = None  # empty: the no-cache mask, which also detects packed rows from position_ids
-        if (config._attn_implementation == "flex_attention"
-                and not (attention_mask is not None and attention_mask.dim() == 4)):
-            mask = _flex_block_mask(attention_mask, position_ids, mask_cache, batch, q_len, device)
-        else:
-            mask = causal_mask(config, inputs_embeds, attention_mask, mask_cache, cache_position, position_ids)
+        mask = self._attention_mask(attention_mask, inputs_embeds, cache, created_cache, prefix, cache_position,
+                                    position_ids)
         # Flash attention derives packed rows' cu_seqlens from position_ids when no mask is given; flex takes no
         # position_ids (with torch 2.13 on CPU, passing them on breaks inductor's flex kernel, as in native Glm).
         if config._attn_implementation != "flex_attention":
             kwargs["position_ids"] = position_ids
 
-        hidden_states = inputs_embeds
-        all_hidden_states = () if output_hidden_states else None
-        all_attentions = () if output_attentions else None
-        for layer_idx, layer in enumerate(self.encoder.layers):
-            if output_hidden_states:
-                all_hidden_states += (hidden_states,)
-            layer_cache = cache
-            if prefix is not None:
-                # No cache to hold the prefix (use_cache=False): give this layer a one-layer cache holding it.
-                layer_cache = _PrefixOnlyCache(layer_idx, *prefix[layer_idx])
-            hidden_states, weights = layer(
-                hidden_states,
-                attention_mask=mask,
-                position_embeddings=position_embeddings,
-                cache=layer_cache,
-                cache_position=cache_position,
-                output_attentions=output_attentions,
-                **kwargs,  # e.g. flash attention's cu_seq_lens_q/k, max_length_q/k for packed rows
-            )
-            if output_attentions:
-                all_attentions += (weights,)
-        if self.encoder.final_layernorm is not None:
-            hidden_states = self.encoder.final_layernorm(hidden_states)
-        if output_hidden_states:
-            all_hidden_states += (hidden_states,)
-
+        encoded = self.encoder(
+            inputs_embeds,
+            attention_mask=mask,
+            position_embeddings=position_embeddings,
+            cache=cache,
+            prefix=prefix,
+            cache_position=cache_position,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            **kwargs,
+        )
         outputs = BaseModelOutputWithPast(
-            last_hidden_state=hidden_states,
-            hidden_states=all_hidden_states,
-            attentions=all_attentions,
+            last_hidden_state=encoded.last_hidden_state,
+            hidden_states=encoded.hidden_states,
+            attentions=encoded.attentions,
             **{CACHE_FIELD: cache if use_cache else None},
         )
         return outputs if return_dict else outputs.to_tuple()
+
+    def _prefix_into_cache(self, cache, inputs_embeds):
+        """P-tuning v2 (eager only, not compile-clean): the prefix's per-layer (key, value) enter the cache on the
+        first step. Returns them when there is no cache to hold them (use_cache=False), else None."""
+        if not _prefix_length(self.config) or (cache is not None and cache.get_seq_length() != 0):
+            return None
+        prefix = self.get_prompt(inputs_embeds.shape[0], inputs_embeds.device, inputs_embeds.dtype)
+        if cache is None:
+            return prefix
+        prefix_position = torch.arange(self.config.pre_seq_len, device=inputs_embeds.device)
+        for layer_idx, (key, value) in enumerate(prefix):
+            cache.update(key, value, layer_idx, {"cache_position": prefix_position})
+        return None
+
+    def _cache_position(self, given, cache, prefix, inputs_embeds):
+        """Where this step's tokens go in the cache: the `cache_position` generate() gave (transformers 4.57), else
+        counted from the cache. With a P-tuning prefix always counted: generate()'s count leaves the prefix out and a
+        continued conversation's includes it."""
+        prefix_len = _prefix_length(self.config)
+        if given is not None and not prefix_len:
+            return given
+        past_len = cache.get_seq_length() if cache is not None else (prefix_len if prefix is not None else 0)
+        # A tensor sum: no data-dependent guard under compile.
+        return torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_len
+
+    def _position_ids(self, attention_mask, cache_position, inputs_embeds):
+        """RoPE positions count real tokens only: left pads and a P-tuning prefix sit before position 0."""
+        batch, q_len = inputs_embeds.shape[:2]
+        if attention_mask is not None and attention_mask.dim() == 2:
+            return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -q_len:]
+        return (cache_position - _prefix_length(self.config)).unsqueeze(0).expand(batch, -1)
+
+    def _attention_mask(self, attention_mask, inputs_embeds, cache, created_cache, prefix, cache_position,
+                        position_ids):
+        """The mask the configured attention takes: our flex BlockMask, or transformers' own mask."""
+        config = self.config
+        batch, q_len = inputs_embeds.shape[:2]
+        device = inputs_embeds.device
+        if attention_mask is not None and attention_mask.dim() == 2 and _prefix_length(config):
+            # The caller's mask covers the real tokens; the prefix is always visible.
+            attention_mask = F.pad(attention_mask.to(device=device, dtype=torch.bool), (_prefix_length(config), 0),
+                                   value=True)
+        mask_cache = self._mask_cache(cache, created_cache, prefix, device)
+        if config._attn_implementation == "flex_attention" and not (
+                attention_mask is not None and attention_mask.dim() == 4):
+            return _flex_block_mask(attention_mask, position_ids, mask_cache, batch, q_len, device)
+        return causal_mask(config, inputs_embeds, attention_mask, mask_cache, cache_position, position_ids)
+
+    def _mask_cache(self, cache, created_cache, prefix, device):
+        """The cache that sizes the mask: the step's own, except in two cases below."""
+        if prefix is not None:
+            # No cache but a prefix (use_cache=False): size the mask by a cache holding the prefix alone.
+            mask_cache = DynamicCache()
+            positions = torch.arange(self.config.pre_seq_len, device=device)
+            mask_cache.update(*prefix[0], 0, {"cache_position": positions})
+            return mask_cache
+        if created_cache and not _prefix_length(self.config):
+            return None  # empty: the no-cache mask, which also detects packed rows from position_ids
+        return cache
+
+
+def _check_inputs(input_ids, inputs_embeds, cache):
+    """Exactly one of input_ids or inputs_embeds, and a Cache object (or None) for the cache."""
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("ChatGLMModel.forward needs exactly one of input_ids or inputs_embeds")
+    if cache is not None and not isinstance(cache, Cache):
+        raise TypeError(
+            f"past_key_values must be a transformers Cache (e.g. DynamicCache), got {type(cache).__name__}; "
+            "legacy tuples of tensors are not supported"
+        )
 
 
 def _flex_block_mask(padding, position_ids, cache, batch, q_len, device):
@@ -739,7 +781,6 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin, C
             >>> model = AutoModel.from_pretrained(path, trust_remote_code=True, dtype=torch.bfloat16).quantize(4)
         """
         return quantize(self, bits)
-
 
     def forward(
         self,
