@@ -836,6 +836,7 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin, C
         return result if return_dict else result.to_tuple()
 
 
+# Not GenericForSequenceClassification: it pools by pad_token_id alone (ignores attention_mask) and lacks our head.
 class ChatGLMForSequenceClassification(ChatGLMPreTrainedModel):
     """GLM with a classification head on the hidden state of the last real (non-padding) token."""
 
@@ -876,45 +877,51 @@ class ChatGLMForSequenceClassification(ChatGLMPreTrainedModel):
             output_hidden_states=output_hidden_states,
             return_dict=True,
         )
-        hidden_states = outputs.last_hidden_state
-        batch, seq_len = hidden_states.shape[:2]
-        positions = torch.arange(seq_len, device=hidden_states.device)
-        if attention_mask is not None:
-            real = attention_mask.to(hidden_states.device).bool()
-        elif input_ids is not None and self.config.pad_token_id is not None:
-            real = input_ids.to(hidden_states.device) != self.config.pad_token_id
-        else:
-            real = torch.ones(batch, seq_len, dtype=torch.bool, device=hidden_states.device)
-        # The last real token, whichever side the padding is on.
-        last = torch.where(real, positions, -1).max(-1).values.clamp(min=0)
-        pooled = hidden_states[torch.arange(batch, device=hidden_states.device), last]
+        pooled = _last_real_token(outputs.last_hidden_state, attention_mask, input_ids, self.config.pad_token_id)
         if self.dropout is not None:
             pooled = self.dropout(pooled)
         logits = self.classifier_head(pooled.to(self.classifier_head.weight.dtype)).float()
-
-        loss = None
-        if labels is not None:
-            labels = labels.to(logits.device)
-            problem = self.config.problem_type
-            if problem is None:
-                if self.num_labels == 1:
-                    problem = "regression"
-                elif labels.dtype in (torch.long, torch.int):
-                    problem = "single_label_classification"
-                else:
-                    problem = "multi_label_classification"
-                self.config.problem_type = problem
-            if problem == "regression":
-                loss = F.mse_loss(logits.squeeze(-1), labels.float().view(-1)) if self.num_labels == 1 else \
-                    F.mse_loss(logits, labels.float())
-            elif problem == "single_label_classification":
-                loss = F.cross_entropy(logits.view(-1, self.num_labels), labels.view(-1))
-            else:
-                loss = F.binary_cross_entropy_with_logits(logits, labels.float())
+        loss = self._loss(logits, labels) if labels is not None else None
         result = SequenceClassifierOutputWithPast(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
         )
         return result if return_dict else result.to_tuple()
+
+    def _loss(self, logits, labels):
+        """MSE, cross entropy or BCE by `config.problem_type`, which the first labels set when it is None."""
+        labels = labels.to(logits.device)
+        problem = self.config.problem_type
+        if problem is None:
+            if self.num_labels == 1:
+                problem = "regression"
+            elif labels.dtype in (torch.long, torch.int):
+                problem = "single_label_classification"
+            else:
+                problem = "multi_label_classification"
+            self.config.problem_type = problem
+        if problem == "regression":
+            if self.num_labels == 1:
+                return F.mse_loss(logits.squeeze(-1), labels.float().view(-1))
+            return F.mse_loss(logits, labels.float())
+        if problem == "single_label_classification":
+            return F.cross_entropy(logits.view(-1, self.num_labels), labels.view(-1))
+        return F.binary_cross_entropy_with_logits(logits, labels.float())
+
+
+def _last_real_token(hidden_states, attention_mask, input_ids, pad_token_id):
+    """Each row's hidden state at its last real token, whichever side the padding is on: real tokens are those of
+    the attention mask, else those that are not pad_token_id, else all."""
+    batch, seq_len = hidden_states.shape[:2]
+    device = hidden_states.device
+    positions = torch.arange(seq_len, device=device)
+    if attention_mask is not None:
+        real = attention_mask.to(device).bool()
+    elif input_ids is not None and pad_token_id is not None:
+        real = input_ids.to(device) != pad_token_id
+    else:
+        real = torch.ones(batch, seq_len, dtype=torch.bool, device=device)
+    last = torch.where(real, positions, -1).max(-1).values.clamp(min=0)
+    return hidden_states[torch.arange(batch, device=device), last]
 
 
 __all__ = [
