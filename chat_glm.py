@@ -1,14 +1,15 @@
-"""The original ChatGLM chat API (chat, stream_chat, quantize) on top of transformers' public generate().
+"""The original ChatGLM chat API (chat, stream_chat) on top of transformers' public generate().
 
-`ChatMixin` gives ChatGLMForConditionalGeneration the methods users of THUDM's code call (GLM_SPEC.md section 6):
+`ChatMixin` gives ChatGLMForConditionalGeneration the methods users of THUDM's code call (docs/architecture.md
+section 6; its `quantize` lives in quantization_glm.py):
 
     >>> response, history = model.chat(tokenizer, "你好", history=[])
     >>> for response, history in model.stream_chat(tokenizer, "讲个笑话", history=history):
     ...     print(response)
-    >>> model.quantize(8)  # or 4: weight-only int8/int4 of the block matrices, with torchao
 
 Everything runs through `generate()`; streaming uses a `BaseStreamer` fed from a generate() thread. Tool calls
-(GLM_SPEC.md section 5) are parsed by `parse_tool_call`, which accepts literals only and never evaluates code.
+(docs/architecture.md section 5) are parsed by `parse_tool_call`, which accepts literals only and never evaluates
+code.
 """
 
 import ast
@@ -24,9 +25,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation.streamers import BaseStreamer
 
-# The four matrices of every GLMBlock that quantize() converts; embeddings and the output layer stay as they are.
-QUANTIZED_MATRICES = ("self_attention.query_key_value", "self_attention.dense", "mlp.dense_h_to_4h",
-                      "mlp.dense_4h_to_h")
+from .compat_glm import CACHE_FIELD
 
 # A fenced block (```python ... ```); the closing fence may be missing when generation stopped early.
 _FENCE = re.compile(r"```[^\n]*\n(.*?)(?:```|\Z)", re.S)
@@ -250,7 +249,7 @@ class _ReplyDecoder:
 
 
 class ChatMixin:
-    """`chat`, `stream_chat` and `quantize` for ChatGLMForConditionalGeneration, built on public generate()."""
+    """`chat` and `stream_chat` for ChatGLMForConditionalGeneration, built on public generate()."""
 
     def _chat_prompt(self, tokenizer, query, history, role, past):
         """Prompt ids and mask: the whole conversation, or only the new turn after the ids `past` holds."""
@@ -317,8 +316,6 @@ class ChatMixin:
             ...                                                   return_past_key_values=True):
             ...     print(response)
         """
-        from .modeling_glm import CACHE_FIELD  # imported here: modeling_glm imports this file
-
         history = list(history or []) + [{"role": role, "content": query}]
         input_ids, attention_mask = self._chat_prompt(tokenizer, query, history[:-1], role, past_key_values)
         kwargs = self._chat_generate_kwargs(tokenizer, max_length, do_sample, top_p, temperature, generate_kwargs)
@@ -369,52 +366,3 @@ class ChatMixin:
         finally:
             consumer_gone.set()
             thread.join()
-
-    # -----------------------------------------------------------------------------------------------------------
-
-    def quantize(self, bits: int):
-        """Weight-only int8 or int4 quantization of every block's query_key_value, dense, dense_h_to_4h and
-        dense_4h_to_h (embeddings, output layer and norms stay as they are), in place, with torchao. Returns self.
-
-        int8 keeps one scale per output row; int4 one scale and zero point per group of 128 inputs (64 or 32 when
-        the width needs it). Activations stay in the model's dtype.
-
-        Example:
-            >>> model = AutoModel.from_pretrained(path, trust_remote_code=True, dtype=torch.bfloat16).quantize(4)
-        """
-        if bits not in (4, 8):
-            raise ValueError(f"quantize() takes 4 or 8 bits, got {bits!r}")
-        # In try: transformers' remote-code import check skips it, so loading a model does not require torchao.
-        try:
-            from torchao.prototype.quantization.int4.inference_workflow import PrototypeInt4WeightOnlyConfig
-            from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
-        except ImportError as error:
-            raise ImportError("model.quantize() needs torchao, an optional dependency: pip install -r "
-                              "requirements-quantize.txt (or pip install torchao)") from error
-
-        # Block matrices grouped by the config they take (int4's group size depends on the input width).
-        groups = {}
-        for name, module in self.named_modules():
-            if isinstance(module, torch.nn.Linear) and ".encoder.layers." in f".{name}" \
-                    and name.endswith(QUANTIZED_MATRICES):
-                key = 8 if bits == 8 else _int4_group_size(module.in_features)
-                groups.setdefault(key, set()).add(name)
-        for key, names in groups.items():
-            if bits == 8:
-                config = Int8WeightOnlyConfig()
-            elif self.device.type == "cuda":
-                config = Int4WeightOnlyConfig(group_size=key, int4_packing_format="tile_packed_to_4d")
-            else:
-                # torchao 0.18's Int4WeightOnlyConfig has no CPU format; this one runs aten's CPU int4 kernel.
-                config = PrototypeInt4WeightOnlyConfig(group_size=key)
-            quantize_(self, config, filter_fn=lambda module, fqn: fqn in names)
-        self.config.quantization_bit = bits
-        return self
-
-
-def _int4_group_size(in_features: int) -> int:
-    """The largest of torchao's int4 group sizes (128, 64, 32) that divides the input width."""
-    for size in (128, 64, 32):
-        if in_features % size == 0:
-            return size
-    raise ValueError(f"int4 quantization needs input widths divisible by 32, got {in_features}")

@@ -1,6 +1,6 @@
 """Configuration of the GLM family (ChatGLM2/3-6B, GLM-4-9B) under the original THUDM key names.
 
-The keys are those of the published `config.json` files (see GLM_SPEC.md section 1), so THUDM checkpoints load
+The keys are those of the published `config.json` files (see docs/architecture.md section 1), so THUDM checkpoints load
 unchanged and what we save loads in vLLM, llama.cpp's converter and chatglm.cpp. The standard transformers names
 (`num_hidden_layers`, `vocab_size`, ...) are aliases of the original keys, so generic tools work too.
 

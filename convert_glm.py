@@ -6,8 +6,8 @@ The weight mapping lives here once; the tests and benchmarks import it.
     python convert_glm.py --to glm path/to/glm-native path/to/glm-remote-code             # back again
     python convert_glm.py --to code path/to/chatglm3-6b path/to/chatglm3-6b               # THUDM weights, our code
 
-The native model computes the same function (GLM_SPEC.md section 3): split q/k/v projections instead of the fused
-query_key_value, the same gate-then-up fused MLP, partial_rotary_factor 0.5 and rope_theta = 10000 * rope_ratio.
+The native model computes the same function (docs/architecture.md section 3): split q/k/v projections instead of the
+fused query_key_value, the same gate-then-up fused MLP, partial_rotary_factor 0.5 and rope_theta = 10000 * rope_ratio.
 """
 
 import argparse
@@ -106,7 +106,7 @@ def native_config_to_glm(native, config_class):
 
 
 def glm_shapes(config) -> dict:
-    """Every weight a GLM checkpoint of `config` holds, with its shape (GLM_SPEC.md section 2)."""
+    """Every weight a GLM checkpoint of `config` holds, with its shape (docs/architecture.md section 2)."""
     hidden, q_size = config.hidden_size, config.num_attention_heads * config.kv_channels
     qkv = q_size + 2 * config.num_kv_heads * config.kv_channels
     shapes = {"transformer.embedding.word_embeddings.weight": (config.padded_vocab_size, hidden),

@@ -1,4 +1,5 @@
-"""Import this repository's Hub code files (configuration_glm, modeling_glm, tokenization_glm) from a checkout.
+"""Import this repository's Hub code files (configuration_glm, modeling_glm and its siblings, tokenization_glm) from
+a checkout.
 
 The files use relative imports, as transformers' trust_remote_code requires, so they are imported here as the
 package `glm_hf` rooted at this folder. Registering the classes for the Auto* factories makes `save_pretrained`
@@ -18,7 +19,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 PACKAGE = "glm_hf"
-CODE_FILES = ("configuration_glm.py", "modeling_glm.py", "chat_glm.py", "tokenization_glm.py")
+CODE_FILES = ("configuration_glm.py", "modeling_glm.py", "chat_glm.py", "compat_glm.py", "quantization_glm.py",
+              "tokenization_glm.py")
 
 
 def _load():

@@ -1,15 +1,15 @@
 """The GLM architecture (ChatGLM2/3-6B, GLM-4-9B) for transformers, loadable with `trust_remote_code=True`.
 
-Module and parameter names are the checkpoint keys THUDM published (GLM_SPEC.md section 2); everything else follows
-transformers' own decoder models: attention dispatched through `ALL_ATTENTION_FUNCTIONS`, the KV cache as a `Cache`
-object, generation from `GenerationMixin`, untouched.
+Module and parameter names are the checkpoint keys THUDM published (docs/architecture.md section 2); everything
+else follows transformers' own decoder models: attention dispatched through `ALL_ATTENTION_FUNCTIONS`, the KV cache as
+a `Cache` object, generation from `GenerationMixin`, untouched. What differs between transformers versions is in
+compat_glm.py.
 
 Example:
     >>> from transformers import AutoModelForCausalLM
     >>> model = AutoModelForCausalLM.from_pretrained("THUDM/chatglm3-6b", trust_remote_code=True)
 """
 
-import inspect
 import math
 from typing import Optional
 
@@ -20,6 +20,7 @@ from transformers import GenerationMixin, PreTrainedModel, masking_utils
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
+    BaseModelOutput,
     BaseModelOutputWithPast,
     CausalLMOutputWithPast,
     SequenceClassifierOutputWithPast,
@@ -28,44 +29,9 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .chat_glm import ChatMixin
+from .compat_glm import CACHE_FIELD, cache_of, causal_mask, pop_cache_position
 from .configuration_glm import ChatGLMConfig
-
-# transformers 5.x renamed the cache argument and output field `past_key_values` to `cache`; 4.57 uses the old name.
-CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
-
-
-def _cache_of(outputs):
-    """The Cache held by a model output, whichever name this transformers version gives it."""
-    return getattr(outputs, CACHE_FIELD)
-
-
-# transformers 5.x: create_causal_mask(config, inputs_embeds, attention_mask, cache, position_ids) takes the query
-# offset from the cache; 4.57: (config, input_embeds, attention_mask, cache_position, past_key_values, position_ids).
-_MASK_TAKES_CACHE = "cache" in inspect.signature(masking_utils.create_causal_mask).parameters
-
-
-def _causal_mask(config, inputs_embeds, attention_mask, cache, cache_position, position_ids):
-    """transformers' own mask for the configured attention (sdpa/eager/flex/flash, static caches, packed rows)."""
-    if _MASK_TAKES_CACHE:
-        return masking_utils.create_causal_mask(config=config, inputs_embeds=inputs_embeds,
-                                                attention_mask=attention_mask, cache=cache, position_ids=position_ids)
-    if torch.jit.is_tracing() and _stock_vmap_mask(config):
-        # 4.57 builds sdpa/eager masks with torch.vmap, which jit.trace cannot record (an opaque C++ error). A mask
-        # function registered in their place (AttentionMaskInterface; optimum's ONNX exporter registers vmap-free
-        # ones while it traces) is used as it is.
-        raise RuntimeError("TorchScript tracing (torch.onnx.export(..., dynamo=False), optimum's exporter) needs "
-                           "transformers >= 5.0 with this model: transformers 4.57 builds the attention mask with "
-                           "torch.vmap, which torch.jit.trace cannot record. Use torch.onnx.export(..., dynamo=True) "
-                           "or a newer transformers.")
-    return masking_utils.create_causal_mask(config=config, input_embeds=inputs_embeds, attention_mask=attention_mask,
-                                            cache_position=cache_position, past_key_values=cache,
-                                            position_ids=position_ids)
-
-
-def _stock_vmap_mask(config) -> bool:
-    """Whether 4.57's own vmap-built sdpa or eager mask function is the one registered for this attention."""
-    registered = masking_utils.ALL_MASK_ATTENTION_FUNCTIONS.get(config._attn_implementation or "sdpa")
-    return registered in (masking_utils.sdpa_mask, masking_utils.eager_mask)
+from .quantization_glm import quantize
 
 
 def _tracing() -> bool:
@@ -193,7 +159,7 @@ def apply_rotary_pos_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) 
 
 
 def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
-    """Reference attention: grouped K/V expanded, scores and softmax in fp32 (GLM_SPEC section 3)."""
+    """Reference attention: grouped K/V expanded, scores and softmax in fp32 (docs/architecture.md section 3)."""
     groups = module.num_key_value_groups
     key = key.repeat_interleave(groups, dim=1)
     value = value.repeat_interleave(groups, dim=1)
@@ -231,7 +197,8 @@ def _grouped_single_query_sdpa(query, key, value, attention_mask, scaling):
     K/V head once. The same rewrite transformers' sdpa_attention_forward makes for one query token outside
     torch.compile (`pack_gqa`, 5.x); under compile, and on 4.57, it repeats K/V into a copy of the whole cache per
     layer and step instead, which costs a decoding step more the longer the context (docs/performance.md).
-    Head h uses K/V group h // n_rep, as repeat_kv and GLM_SPEC's expansion do. Returns [batch, heads, dim]."""
+    Head h uses K/V group h // n_rep, as repeat_kv and the expansion of docs/architecture.md section 3 do.
+    Returns [batch, heads, dim]."""
     batch, heads, _, dim = query.shape
     kv_heads = key.shape[1]
     query = query.reshape(batch, kv_heads, heads // kv_heads, dim)
@@ -365,6 +332,34 @@ class GLMTransformer(nn.Module):
         self.layers = nn.ModuleList([GLMBlock(config, i) for i in range(config.num_layers)])
         self.final_layernorm = _norm(config, config.hidden_size) if config.post_layer_norm else None
 
+    def forward(self, hidden_states, attention_mask, position_embeddings, cache=None, prefix=None,
+                output_attentions=False, output_hidden_states=False, **kwargs) -> BaseModelOutput:
+        """Every block, then the final norm. `prefix`: a P-tuning prefix's per-layer (key, value) when no cache
+        holds it (use_cache=False); `kwargs` go to every block (cache_position, attention kwargs)."""
+        all_hidden_states = () if output_hidden_states else None
+        all_attentions = () if output_attentions else None
+        for layer_idx, layer in enumerate(self.layers):
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            # No cache to hold the prefix: give this layer a one-layer cache holding it.
+            layer_cache = cache if prefix is None else _PrefixOnlyCache(layer_idx, *prefix[layer_idx])
+            hidden_states, weights = layer(
+                hidden_states,
+                attention_mask=attention_mask,
+                position_embeddings=position_embeddings,
+                cache=layer_cache,
+                output_attentions=output_attentions,
+                **kwargs,  # e.g. flash attention's cu_seq_lens_q/k, max_length_q/k for packed rows
+            )
+            if output_attentions:
+                all_attentions += (weights,)
+        if self.final_layernorm is not None:
+            hidden_states = self.final_layernorm(hidden_states)
+        if output_hidden_states:
+            all_hidden_states += (hidden_states,)
+        return BaseModelOutput(last_hidden_state=hidden_states, hidden_states=all_hidden_states,
+                               attentions=all_attentions)
+
 
 class Embedding(nn.Module):
     """Token embeddings only: GLM has no absolute positions and no embedding scaling."""
@@ -494,7 +489,7 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         **kwargs,
     ):
         config = self.config
-        cache = cache if cache is not None else past_key_values
+        cache = cache if cache is not None else past_key_values  # either name, on every transformers version
         output_attentions = output_attentions if output_attentions is not None else config.output_attentions
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else config.output_hidden_states
@@ -503,102 +498,114 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         use_cache = use_cache if use_cache is not None else config.use_cache
         if self.gradient_checkpointing and self.training:
             use_cache = False
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("ChatGLMModel.forward needs exactly one of input_ids or inputs_embeds")
-        if cache is not None and not isinstance(cache, Cache):
-            raise TypeError(
-                f"past_key_values must be a transformers Cache (e.g. DynamicCache), got {type(cache).__name__}; "
-                "legacy tuples of tensors are not supported"
-            )
+        _check_inputs(input_ids, inputs_embeds, cache)
+
         if inputs_embeds is None:
             inputs_embeds = self.embedding(input_ids)
-        batch, q_len = inputs_embeds.shape[:2]
-        device = inputs_embeds.device
-
-        prefix_len = _prefix_length(config)
         created_cache = use_cache and cache is None
         if created_cache:
             cache = DynamicCache()
-        # generate() passes cache_position on transformers 4.57 (static caches there need it: their length is a
-        # data-dependent count); 5.x passes none and its caches count themselves, as a tensor for static ones.
-        cache_position = kwargs.pop("cache_position", None)
-        prefix = None
-        if prefix_len:
-            # P-tuning v2 (eager only, not compile-clean): the prefix enters the cache on the first step. Our own
-            # count then, because generate()'s leaves the prefix out and a continued conversation's includes it.
-            cache_position = None
-            if (cache.get_seq_length() if cache is not None else 0) == 0:
-                prefix = self.get_prompt(batch, device, inputs_embeds.dtype)
-                if cache is not None:
-                    prefix_position = torch.arange(prefix_len, device=device)
-                    for layer_idx, (key, value) in enumerate(prefix):
-                        cache.update(key, value, layer_idx, {"cache_position": prefix_position})
-                    prefix = None
-        if cache_position is None:
-            past_len = cache.get_seq_length() if cache is not None else (prefix_len if prefix is not None else 0)
-            cache_position = torch.arange(q_len, device=device) + past_len  # a tensor sum: no data-dependent guard
-        # Positions count real tokens only: a P-tuning prefix sits before position 0.
+        prefix = self._prefix_into_cache(cache, inputs_embeds)
+        cache_position = self._cache_position(pop_cache_position(kwargs), cache, prefix, inputs_embeds)
         if position_ids is None:
-            if attention_mask is not None and attention_mask.dim() == 2:
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -q_len:]
-            else:
-                position_ids = (cache_position - prefix_len).unsqueeze(0).expand(batch, -1)
-        position_ids = position_ids.to(device)
+            position_ids = self._position_ids(attention_mask, cache_position, inputs_embeds)
+        position_ids = position_ids.to(inputs_embeds.device)
         position_embeddings = self.rotary_pos_emb(position_ids, inputs_embeds.dtype)
-
-        mask_cache = cache
-        if attention_mask is not None and attention_mask.dim() == 2 and prefix_len:
-            # The caller's mask covers the real tokens; the prefix is always visible.
-            attention_mask = F.pad(attention_mask.to(device=device, dtype=torch.bool), (prefix_len, 0), value=True)
-        if prefix is not None:
-            # No cache but a prefix (use_cache=False): size the mask by a cache holding the prefix alone.
-            mask_cache = DynamicCache()
-            mask_cache.update(*prefix[0], 0, {"cache_position": torch.arange(prefix_len, device=device)})
-        elif created_cache and not prefix_len:
-            mask_cache = None  # empty: the no-cache mask, which also detects packed rows from position_ids
-        if (config._attn_implementation == "flex_attention"
-                and not (attention_mask is not None and attention_mask.dim() == 4)):
-            mask = _flex_block_mask(attention_mask, position_ids, mask_cache, batch, q_len, device)
-        else:
-            mask = _causal_mask(config, inputs_embeds, attention_mask, mask_cache, cache_position, position_ids)
+        mask = self._attention_mask(attention_mask, inputs_embeds, cache, created_cache, prefix, cache_position,
+                                    position_ids)
         # Flash attention derives packed rows' cu_seqlens from position_ids when no mask is given; flex takes no
         # position_ids (with torch 2.13 on CPU, passing them on breaks inductor's flex kernel, as in native Glm).
         if config._attn_implementation != "flex_attention":
             kwargs["position_ids"] = position_ids
 
-        hidden_states = inputs_embeds
-        all_hidden_states = () if output_hidden_states else None
-        all_attentions = () if output_attentions else None
-        for layer_idx, layer in enumerate(self.encoder.layers):
-            if output_hidden_states:
-                all_hidden_states += (hidden_states,)
-            layer_cache = cache
-            if prefix is not None:
-                # No cache to hold the prefix (use_cache=False): give this layer a one-layer cache holding it.
-                layer_cache = _PrefixOnlyCache(layer_idx, *prefix[layer_idx])
-            hidden_states, weights = layer(
-                hidden_states,
-                attention_mask=mask,
-                position_embeddings=position_embeddings,
-                cache=layer_cache,
-                cache_position=cache_position,
-                output_attentions=output_attentions,
-                **kwargs,  # e.g. flash attention's cu_seq_lens_q/k, max_length_q/k for packed rows
-            )
-            if output_attentions:
-                all_attentions += (weights,)
-        if self.encoder.final_layernorm is not None:
-            hidden_states = self.encoder.final_layernorm(hidden_states)
-        if output_hidden_states:
-            all_hidden_states += (hidden_states,)
-
+        encoded = self.encoder(
+            inputs_embeds,
+            attention_mask=mask,
+            position_embeddings=position_embeddings,
+            cache=cache,
+            prefix=prefix,
+            cache_position=cache_position,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            **kwargs,
+        )
         outputs = BaseModelOutputWithPast(
-            last_hidden_state=hidden_states,
-            hidden_states=all_hidden_states,
-            attentions=all_attentions,
+            last_hidden_state=encoded.last_hidden_state,
+            hidden_states=encoded.hidden_states,
+            attentions=encoded.attentions,
             **{CACHE_FIELD: cache if use_cache else None},
         )
         return outputs if return_dict else outputs.to_tuple()
+
+    def _prefix_into_cache(self, cache, inputs_embeds):
+        """P-tuning v2 (eager only, not compile-clean): the prefix's per-layer (key, value) enter the cache on the
+        first step. Returns them when there is no cache to hold them (use_cache=False), else None."""
+        if not _prefix_length(self.config) or (cache is not None and cache.get_seq_length() != 0):
+            return None
+        prefix = self.get_prompt(inputs_embeds.shape[0], inputs_embeds.device, inputs_embeds.dtype)
+        if cache is None:
+            return prefix
+        prefix_position = torch.arange(self.config.pre_seq_len, device=inputs_embeds.device)
+        for layer_idx, (key, value) in enumerate(prefix):
+            cache.update(key, value, layer_idx, {"cache_position": prefix_position})
+        return None
+
+    def _cache_position(self, given, cache, prefix, inputs_embeds):
+        """Where this step's tokens go in the cache: the `cache_position` generate() gave (transformers 4.57), else
+        counted from the cache. With a P-tuning prefix always counted: generate()'s count leaves the prefix out and a
+        continued conversation's includes it."""
+        prefix_len = _prefix_length(self.config)
+        if given is not None and not prefix_len:
+            return given
+        past_len = cache.get_seq_length() if cache is not None else (prefix_len if prefix is not None else 0)
+        # A tensor sum: no data-dependent guard under compile.
+        return torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_len
+
+    def _position_ids(self, attention_mask, cache_position, inputs_embeds):
+        """RoPE positions count real tokens only: left pads and a P-tuning prefix sit before position 0."""
+        batch, q_len = inputs_embeds.shape[:2]
+        if attention_mask is not None and attention_mask.dim() == 2:
+            return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -q_len:]
+        return (cache_position - _prefix_length(self.config)).unsqueeze(0).expand(batch, -1)
+
+    def _attention_mask(self, attention_mask, inputs_embeds, cache, created_cache, prefix, cache_position,
+                        position_ids):
+        """The mask the configured attention takes: our flex BlockMask, or transformers' own mask."""
+        config = self.config
+        batch, q_len = inputs_embeds.shape[:2]
+        device = inputs_embeds.device
+        if attention_mask is not None and attention_mask.dim() == 2 and _prefix_length(config):
+            # The caller's mask covers the real tokens; the prefix is always visible.
+            attention_mask = F.pad(attention_mask.to(device=device, dtype=torch.bool), (_prefix_length(config), 0),
+                                   value=True)
+        mask_cache = self._mask_cache(cache, created_cache, prefix, device)
+        if config._attn_implementation == "flex_attention" and not (
+                attention_mask is not None and attention_mask.dim() == 4):
+            return _flex_block_mask(attention_mask, position_ids, mask_cache, batch, q_len, device)
+        return causal_mask(config, inputs_embeds, attention_mask, mask_cache, cache_position, position_ids)
+
+    def _mask_cache(self, cache, created_cache, prefix, device):
+        """The cache that sizes the mask: the step's own, except in two cases below."""
+        if prefix is not None:
+            # No cache but a prefix (use_cache=False): size the mask by a cache holding the prefix alone.
+            mask_cache = DynamicCache()
+            positions = torch.arange(self.config.pre_seq_len, device=device)
+            mask_cache.update(*prefix[0], 0, {"cache_position": positions})
+            return mask_cache
+        if created_cache and not _prefix_length(self.config):
+            return None  # empty: the no-cache mask, which also detects packed rows from position_ids
+        return cache
+
+
+def _check_inputs(input_ids, inputs_embeds, cache):
+    """Exactly one of input_ids or inputs_embeds, and a Cache object (or None) for the cache."""
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("ChatGLMModel.forward needs exactly one of input_ids or inputs_embeds")
+    if cache is not None and not isinstance(cache, Cache):
+        raise TypeError(
+            f"past_key_values must be a transformers Cache (e.g. DynamicCache), got {type(cache).__name__}; "
+            "legacy tuples of tensors are not supported"
+        )
 
 
 def _flex_block_mask(padding, position_ids, cache, batch, q_len, device):
@@ -766,6 +773,15 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin, C
     def set_output_embeddings(self, new_embeddings):
         self.transformer.output_layer = new_embeddings
 
+    def quantize(self, bits: int):
+        """Weight-only int8 or int4 of every block's four matrices, in place, with torchao (quantization_glm.py).
+        Returns self.
+
+        Example:
+            >>> model = AutoModel.from_pretrained(path, trust_remote_code=True, dtype=torch.bfloat16).quantize(4)
+        """
+        return quantize(self, bits)
+
     def forward(
         self,
         input_ids: Optional[torch.LongTensor] = None,
@@ -815,11 +831,12 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin, C
             logits=logits,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
-            **{CACHE_FIELD: _cache_of(outputs)},
+            **{CACHE_FIELD: cache_of(outputs)},
         )
         return result if return_dict else result.to_tuple()
 
 
+# Not GenericForSequenceClassification: it pools by pad_token_id alone (ignores attention_mask) and lacks our head.
 class ChatGLMForSequenceClassification(ChatGLMPreTrainedModel):
     """GLM with a classification head on the hidden state of the last real (non-padding) token."""
 
@@ -860,45 +877,51 @@ class ChatGLMForSequenceClassification(ChatGLMPreTrainedModel):
             output_hidden_states=output_hidden_states,
             return_dict=True,
         )
-        hidden_states = outputs.last_hidden_state
-        batch, seq_len = hidden_states.shape[:2]
-        positions = torch.arange(seq_len, device=hidden_states.device)
-        if attention_mask is not None:
-            real = attention_mask.to(hidden_states.device).bool()
-        elif input_ids is not None and self.config.pad_token_id is not None:
-            real = input_ids.to(hidden_states.device) != self.config.pad_token_id
-        else:
-            real = torch.ones(batch, seq_len, dtype=torch.bool, device=hidden_states.device)
-        # The last real token, whichever side the padding is on.
-        last = torch.where(real, positions, -1).max(-1).values.clamp(min=0)
-        pooled = hidden_states[torch.arange(batch, device=hidden_states.device), last]
+        pooled = _last_real_token(outputs.last_hidden_state, attention_mask, input_ids, self.config.pad_token_id)
         if self.dropout is not None:
             pooled = self.dropout(pooled)
         logits = self.classifier_head(pooled.to(self.classifier_head.weight.dtype)).float()
-
-        loss = None
-        if labels is not None:
-            labels = labels.to(logits.device)
-            problem = self.config.problem_type
-            if problem is None:
-                if self.num_labels == 1:
-                    problem = "regression"
-                elif labels.dtype in (torch.long, torch.int):
-                    problem = "single_label_classification"
-                else:
-                    problem = "multi_label_classification"
-                self.config.problem_type = problem
-            if problem == "regression":
-                loss = F.mse_loss(logits.squeeze(-1), labels.float().view(-1)) if self.num_labels == 1 else \
-                    F.mse_loss(logits, labels.float())
-            elif problem == "single_label_classification":
-                loss = F.cross_entropy(logits.view(-1, self.num_labels), labels.view(-1))
-            else:
-                loss = F.binary_cross_entropy_with_logits(logits, labels.float())
+        loss = self._loss(logits, labels) if labels is not None else None
         result = SequenceClassifierOutputWithPast(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
         )
         return result if return_dict else result.to_tuple()
+
+    def _loss(self, logits, labels):
+        """MSE, cross entropy or BCE by `config.problem_type`, which the first labels set when it is None."""
+        labels = labels.to(logits.device)
+        problem = self.config.problem_type
+        if problem is None:
+            if self.num_labels == 1:
+                problem = "regression"
+            elif labels.dtype in (torch.long, torch.int):
+                problem = "single_label_classification"
+            else:
+                problem = "multi_label_classification"
+            self.config.problem_type = problem
+        if problem == "regression":
+            if self.num_labels == 1:
+                return F.mse_loss(logits.squeeze(-1), labels.float().view(-1))
+            return F.mse_loss(logits, labels.float())
+        if problem == "single_label_classification":
+            return F.cross_entropy(logits.view(-1, self.num_labels), labels.view(-1))
+        return F.binary_cross_entropy_with_logits(logits, labels.float())
+
+
+def _last_real_token(hidden_states, attention_mask, input_ids, pad_token_id):
+    """Each row's hidden state at its last real token, whichever side the padding is on: real tokens are those of
+    the attention mask, else those that are not pad_token_id, else all."""
+    batch, seq_len = hidden_states.shape[:2]
+    device = hidden_states.device
+    positions = torch.arange(seq_len, device=device)
+    if attention_mask is not None:
+        real = attention_mask.to(device).bool()
+    elif input_ids is not None and pad_token_id is not None:
+        real = input_ids.to(device) != pad_token_id
+    else:
+        real = torch.ones(batch, seq_len, dtype=torch.bool, device=device)
+    last = torch.where(real, positions, -1).max(-1).values.clamp(min=0)
+    return hidden_states[torch.arange(batch, device=device), last]
 
 
 __all__ = [

@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from local_glm import glm  # noqa: E402
 
-chat_glm = sys.modules["glm_hf.chat_glm"]
+quantization_glm = sys.modules["glm_hf.quantization_glm"]
 CHATGLM3 = dict(hidden_size=4096, ffn_hidden_size=13696, num_attention_heads=32, multi_query_group_num=2,
                 kv_channels=128, padded_vocab_size=65024)
 VOCAB = 128
@@ -42,7 +42,7 @@ def weight_bytes(tensor) -> int:
 
 def block_bytes(model) -> int:
     return sum(weight_bytes(module.weight) for name, module in model.named_modules()
-               if name.endswith(chat_glm.QUANTIZED_MATRICES))
+               if name.endswith(quantization_glm.QUANTIZED_MATRICES))
 
 
 def decode_speed(model, new_tokens=32) -> float:

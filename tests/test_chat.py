@@ -16,12 +16,13 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, LogitsProcessor, 
                           TextIteratorStreamer, pipeline)
 
 chat_glm = sys.modules["glm_hf.chat_glm"]
+quantization_glm = sys.modules["glm_hf.quantization_glm"]
 parse_tool_call = chat_glm.parse_tool_call
 process_response = chat_glm.process_response
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Tool-call parsing (GLM_SPEC section 5)
+# Tool-call parsing (docs/architecture.md section 5)
 
 TOOLS = [{"name": "get_weather", "description": "天气", "parameters": {"type": "object",
           "properties": {"city": {"type": "string"}}, "required": ["city"]}}]
@@ -124,7 +125,7 @@ def trained_model():
 
 def _matrix_bytes(model):
     blocks = sum(weight_bytes(module.weight) for name, module in model.named_modules()
-                 if name.endswith(chat_glm.QUANTIZED_MATRICES))
+                 if name.endswith(quantization_glm.QUANTIZED_MATRICES))
     others = (weight_bytes(model.transformer.output_layer.weight)
               + weight_bytes(model.transformer.embedding.word_embeddings.weight))
     return blocks, others
@@ -448,3 +449,5 @@ def test_remote_code_needs_only_torch_and_transformers():
 
     third_party = set(get_imports(ROOT / "chat_glm.py")) - set(sys.stdlib_module_names)
     assert third_party == {"torch", "transformers"}
+    for code in ("modeling_glm.py", "compat_glm.py", "quantization_glm.py"):
+        assert set(get_imports(ROOT / code)) - set(sys.stdlib_module_names) <= {"torch", "transformers"}, code

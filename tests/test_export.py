@@ -8,23 +8,15 @@ import sys
 import pytest
 import torch
 from conftest import ROOT, glm, tiny_config
-from test_modeling import _left_padded_batch
-from transformers.cache_utils import DynamicCache, StaticCache
+from model_helpers import left_padded_batch, static_cache
 
 modeling = glm.modeling
+compat = sys.modules["glm_hf.compat_glm"]
 
 
 def _model(seed=0, **overrides):
     torch.manual_seed(seed)
     return glm.ChatGLMForConditionalGeneration(tiny_config(**overrides)).eval()
-
-
-def _static_cache(model, batch, max_len):
-    # transformers 5.x: StaticCache(config, max_cache_len); 4.57 also wants the batch size up front (max_batch_size).
-    try:
-        return StaticCache(config=model.config, max_cache_len=max_len)
-    except TypeError:
-        return StaticCache(config=model.config, max_batch_size=batch, max_cache_len=max_len)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -36,7 +28,7 @@ def test_fullgraph_compiled_static_cache_generate_equals_eager():
     from transformers import CompileConfig
 
     model = _model(1, num_layers=1)
-    ids, mask = _left_padded_batch(model.config.padded_vocab_size, [7, 5])
+    ids, mask = left_padded_batch(model.config.padded_vocab_size, [7, 5])
     kwargs = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0, eos_token_id=None)
     eager = model.generate(ids, **kwargs)
     compile_config = CompileConfig(fullgraph=True, mode="default")
@@ -51,11 +43,11 @@ def test_fullgraph_compiled_forward_decode_step_with_static_cache():
     """torch.compile(model.forward, fullgraph=True) for a decoding step with a StaticCache and a 2D mask (the path
     of 4.57's generate and of users' own loops): same logits as eager, and a second step reuses the graph."""
     model = _model(2, num_layers=1)
-    ids, mask = _left_padded_batch(model.config.padded_vocab_size, [6, 4])
+    ids, mask = left_padded_batch(model.config.padded_vocab_size, [6, 4])
     batch = ids.shape[0]
 
     def run(forward):
-        cache = _static_cache(model, batch, 12)
+        cache = static_cache(model, batch, 12)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         with torch.no_grad():
             out = model(ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True,
@@ -97,7 +89,7 @@ class _Logits(torch.nn.Module):
 @pytest.mark.parametrize("grad", [False, True])
 def test_torch_export_forward_with_attention_mask_matches_eager(grad):
     model = _model(3)
-    ids, mask = _left_padded_batch(model.config.padded_vocab_size, [9, 6])
+    ids, mask = left_padded_batch(model.config.padded_vocab_size, [9, 6])
     wrapper = _Logits(model)
     with torch.set_grad_enabled(grad):
         program = torch.export.export(wrapper, (ids, mask))
@@ -136,7 +128,7 @@ def test_torch_export_decode_step_with_static_cache_matches_eager():
     ids = torch.randint(3, model.config.padded_vocab_size, (1, 6))
     with torch.no_grad():
         expected = model(torch.cat([ids, ids[:, :1]], dim=1)).logits[:, -1]
-        cache = _static_cache(model, 1, 16)
+        cache = static_cache(model, 1, 16)
         model(ids, past_key_values=cache, use_cache=True, cache_position=torch.arange(6))  # prefill, eager
         step = _DecodeStep(model, cache)
         args = (ids[:, :1], torch.tensor([[6]]), torch.tensor([6]))
@@ -172,10 +164,10 @@ def test_onnx_export_logits_match_eager_in_onnxruntime(dynamo, tmp_path):
     if importlib.util.find_spec("onnx") is None or (dynamo and importlib.util.find_spec("onnxscript") is None):
         pytest.skip("the ONNX exporters need onnx (and onnxscript for dynamo=True)")
     model = _model(6)
-    ids, mask = _left_padded_batch(model.config.padded_vocab_size, [8, 5])
+    ids, mask = left_padded_batch(model.config.padded_vocab_size, [8, 5])
     wrapper = _Logits(model)
     path = tmp_path / "model.onnx"
-    if not dynamo and not modeling._MASK_TAKES_CACHE:  # transformers 4.57: refused, saying why
+    if not dynamo and not compat.MASK_TAKES_CACHE:  # transformers 4.57: refused, saying why
         with pytest.raises(RuntimeError, match="dynamo=True"), torch.no_grad():
             torch.onnx.export(wrapper, (ids, mask), str(path), dynamo=False)
         return
@@ -216,7 +208,7 @@ def test_optimum_cli_exports_the_native_conversion_and_its_ort_model_generates_o
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     ort_model = ORTModelForCausalLM.from_pretrained(tmp_path / "onnx")
-    ids, mask = _left_padded_batch(model.config.padded_vocab_size, [9, 5])
+    ids, mask = left_padded_batch(model.config.padded_vocab_size, [9, 5])
     kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None)
     assert torch.equal(ort_model.generate(ids, attention_mask=mask, **kwargs),
                        model.generate(ids, attention_mask=mask, **kwargs))
@@ -249,7 +241,7 @@ def test_optimum_exports_our_remote_code_folder_with_its_glm_onnx_config(tmp_pat
     session = ort.InferenceSession(str(tmp_path / "onnx" / "model.onnx"), providers=["CPUExecutionProvider"])
     inputs = {i.name for i in session.get_inputs()}
     outputs = [o.name for o in session.get_outputs()]
-    ids, mask = _left_padded_batch(model.config.padded_vocab_size, [9, 5])
+    ids, mask = left_padded_batch(model.config.padded_vocab_size, [9, 5])
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     empty = np.zeros((2, model.config.multi_query_group_num, 0, model.config.kv_channels), dtype=np.float32)
     feed = {"input_ids": ids.numpy(), "attention_mask": mask.numpy(), "position_ids": positions.numpy()}

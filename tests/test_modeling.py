@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import ROOT, glm, reference_file, tiny_config
+from model_helpers import left_padded_batch, static_cache
 from transformers import GlmForCausalLM
 from transformers.cache_utils import DynamicCache
 
@@ -19,7 +20,7 @@ modeling = glm.modeling
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Golden outputs of the original THUDM code (GLM_SPEC section 7)
+# Golden outputs of the original THUDM code (docs/architecture.md section 7)
 
 GOLDEN_WEIGHTS = [
     ("embedding.word_embeddings.weight", (5, 32)),
@@ -94,20 +95,10 @@ def _pair(seed, **overrides):
     return config, model, native
 
 
-def _left_padded_batch(vocab, lengths, pad=0):
-    total = max(lengths)
-    ids = torch.full((len(lengths), total), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, length in enumerate(lengths):
-        ids[row, total - length:] = torch.randint(3, vocab, (length,))
-        mask[row, total - length:] = 1
-    return ids, mask
-
-
 @pytest.mark.parametrize("overrides", PARITY_CONFIGS)
 def test_logits_and_loss_match_native_glm(overrides):
     config, model, native = _pair(0, **overrides)
-    ids, mask = _left_padded_batch(config.padded_vocab_size, [11, 7, 3])
+    ids, mask = left_padded_batch(config.padded_vocab_size, [11, 7, 3])
     # Pads carry no context, so a row's first real token is not a target either.
     labels = ids.masked_fill((mask == 0) | (mask.cumsum(-1) == 1), -100)
     with torch.no_grad():
@@ -121,7 +112,7 @@ def test_logits_and_loss_match_native_glm(overrides):
 @pytest.mark.parametrize("overrides", PARITY_CONFIGS[:2])
 def test_greedy_generate_matches_native_and_rows_alone(overrides):
     config, model, native = _pair(1, **overrides)
-    ids, mask = _left_padded_batch(config.padded_vocab_size, [9, 4])
+    ids, mask = left_padded_batch(config.padded_vocab_size, [9, 4])
     kwargs = dict(max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=None)
     ours = model.generate(ids, attention_mask=mask, **kwargs)
     theirs = native.generate(ids, attention_mask=mask, **kwargs)
@@ -134,7 +125,7 @@ def test_greedy_generate_matches_native_and_rows_alone(overrides):
 
 def test_beam_search_and_sampling_match_native():
     config, model, native = _pair(2)
-    ids, mask = _left_padded_batch(config.padded_vocab_size, [6, 6])
+    ids, mask = left_padded_batch(config.padded_vocab_size, [6, 6])
     beams = dict(max_new_tokens=8, num_beams=3, do_sample=False, pad_token_id=0, eos_token_id=None)
     assert torch.equal(model.generate(ids, attention_mask=mask, **beams),
                        native.generate(ids, attention_mask=mask, **beams))
@@ -151,7 +142,7 @@ def test_cached_decoding_equals_full_forward(implementation):
     config = tiny_config(attn_implementation=implementation)
     torch.manual_seed(3)
     model = glm.ChatGLMForConditionalGeneration(config).eval()
-    ids, mask = _left_padded_batch(config.padded_vocab_size, [12, 8])
+    ids, mask = left_padded_batch(config.padded_vocab_size, [12, 8])
     with torch.no_grad():
         full = model(ids, attention_mask=mask).logits
         cache = DynamicCache()
@@ -181,14 +172,12 @@ def test_grouped_single_query_attention_equals_repeated_kv(cache_kind, pre_seq_l
     """One-token sdpa steps attend each cached K/V group once, with the group's query heads as rows: the same logits
     as transformers' sdpa function, which repeats K/V for every query head, and as eager attention. Left-padded
     rows (a mask), a static cache (a mask longer than what is cached) and a P-tuning prefix."""
-    from test_export import _static_cache
-
     def run(implementation, grouped):
         torch.manual_seed(5)
         model = glm.ChatGLMForConditionalGeneration(
             tiny_config(attn_implementation=implementation, pre_seq_len=pre_seq_len)).eval()
-        ids, mask = _left_padded_batch(model.config.padded_vocab_size, [10, 6])
-        cache = _static_cache(model, 2, 16) if cache_kind == "static" else DynamicCache()
+        ids, mask = left_padded_batch(model.config.padded_vocab_size, [10, 6])
+        cache = static_cache(model, 2, 16) if cache_kind == "static" else DynamicCache()
         taken = []
         original = modeling._grouped_single_query
 
@@ -224,7 +213,7 @@ def test_grouped_single_query_attention_leaves_a_registered_sdpa_function_in_cha
 
     torch.manual_seed(6)
     model = glm.ChatGLMForConditionalGeneration(tiny_config(attn_implementation="sdpa")).eval()
-    ids, mask = _left_padded_batch(model.config.padded_vocab_size, [8, 5])
+    ids, mask = left_padded_batch(model.config.padded_vocab_size, [8, 5])
     expected = _decode_logits(model, ids, mask, DynamicCache())
     AttentionInterface.register("sdpa", counting)
     try:
@@ -237,7 +226,7 @@ def test_grouped_single_query_attention_leaves_a_registered_sdpa_function_in_cha
 
 def test_static_cache_generation_equals_dynamic():
     config, model, _ = _pair(4)
-    ids, mask = _left_padded_batch(config.padded_vocab_size, [7, 5])
+    ids, mask = left_padded_batch(config.padded_vocab_size, [7, 5])
     kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)
     dynamic = model.generate(ids, attention_mask=mask, **kwargs)
     static = model.generate(ids, attention_mask=mask, cache_implementation="static", **kwargs)
@@ -246,7 +235,7 @@ def test_static_cache_generation_equals_dynamic():
 
 def test_logits_to_keep_and_positions_from_mask():
     config, model, _ = _pair(5)
-    ids, mask = _left_padded_batch(config.padded_vocab_size, [10, 6])
+    ids, mask = left_padded_batch(config.padded_vocab_size, [10, 6])
     with torch.no_grad():
         full = model(ids, attention_mask=mask).logits
         last = model(ids, attention_mask=mask, logits_to_keep=1).logits
@@ -260,7 +249,7 @@ def test_logits_to_keep_and_positions_from_mask():
 def test_output_attentions_with_eager_sum_to_one_and_skip_pads():
     config = tiny_config(attn_implementation="eager")
     model = glm.ChatGLMModel(config).eval()
-    ids, mask = _left_padded_batch(config.padded_vocab_size, [5, 3])
+    ids, mask = left_padded_batch(config.padded_vocab_size, [5, 3])
     with torch.no_grad():
         out = model(ids, attention_mask=mask, output_attentions=True, output_hidden_states=True)
     assert len(out.attentions) == config.num_layers and len(out.hidden_states) == config.num_layers + 1
@@ -281,7 +270,7 @@ def _attention_available(implementation):
 def test_attention_implementations_agree_with_eager(implementation):
     if not _attention_available(implementation):
         pytest.skip(f"{implementation} needs a CUDA GPU and the flash_attn package")
-    ids, mask = _left_padded_batch(128, [16, 11])
+    ids, mask = left_padded_batch(128, [16, 11])
     results = {}
     for name in ("eager", implementation):
         torch.manual_seed(11)
@@ -411,7 +400,7 @@ def test_root_generation_config_stops_at_every_chatglm3_stop_token():
     from transformers import GenerationConfig
 
     generation = GenerationConfig.from_pretrained(ROOT)
-    # </s>, <|user|>, <|observation|> (GLM_SPEC section 5), and the original chat() sampling defaults.
+    # </s>, <|user|>, <|observation|> (docs/architecture.md section 5), and the original chat() sampling defaults.
     assert generation.eos_token_id == [2, 64795, 64797] and generation.pad_token_id == 0
     assert (generation.do_sample, generation.top_p, generation.temperature, generation.max_length) == (
         True, 0.8, 0.8, 8192)
@@ -567,7 +556,7 @@ def test_training_loss_and_gradients_match_native_glm(overrides):
     config, model, native = _pair(11, **overrides)
     model.train()
     native.train()
-    ids, mask = _left_padded_batch(config.padded_vocab_size, [10, 7, 4])
+    ids, mask = left_padded_batch(config.padded_vocab_size, [10, 7, 4])
     labels = ids.masked_fill((mask == 0) | (mask.cumsum(-1) == 1), -100)
     ours = model(ids, attention_mask=mask, labels=labels)
     theirs = native(ids, attention_mask=mask, labels=labels)
@@ -626,7 +615,7 @@ def test_training_keeps_no_vocabulary_sized_tensor_and_eval_returns_logits():
 
 def test_rmsnorm_rotary_and_swiglu_functions_gradcheck():
     torch.manual_seed(13)
-    # RMSNorm computes in fp32 whatever the input (GLM_SPEC section 3): compare with autograd on the plain formula.
+    # RMSNorm computes in fp32 whatever the input (docs/architecture.md section 3): checked against plain autograd.
     x = torch.randn(2, 3, 8, requires_grad=True)
     weight = torch.randn(8, requires_grad=True)
     grad_output = torch.randn(2, 3, 8)
