@@ -37,7 +37,9 @@ TOKENIZER_COPY, TOKENIZER_TEMPORARY = "tokenizer", "tokenizer.tmp"
 OWN_FILES = {"config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
              "adapter_config.json", "adapter_model.safetensors", "README.md", "loss_curve.png", "metrics.jsonl",
              "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
-             "added_tokens.json", "chat_template.jinja", "configuration_glm.py", "modeling_glm.py", "chat_glm.py",
+             "added_tokens.json", "chat_template.jinja",
+             # the code files a saved folder carries (local_glm.CODE_FILES; a test keeps the two lists equal)
+             "configuration_glm.py", "modeling_glm.py", "chat_glm.py", "compat_glm.py", "quantization_glm.py",
              "tokenization_glm.py"}
 OWN_SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 OWN_FOLDERS = {TOKENIZER_COPY, TOKENIZER_TEMPORARY, "adapter", "runs"}

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 import torch
@@ -451,3 +452,54 @@ def test_remote_code_needs_only_torch_and_transformers():
     assert third_party == {"torch", "transformers"}
     for code in ("modeling_glm.py", "compat_glm.py", "quantization_glm.py"):
         assert set(get_imports(ROOT / code)) - set(sys.stdlib_module_names) <= {"torch", "transformers"}, code
+
+
+@pytest.mark.parametrize("body, error", [
+    ("tool_call(a={1, 2})", "set"), ("tool_call(a=b'x')", "bytes"), ("tool_call(a=1j)", "complex"),
+    ("tool_call(a=...)", "ellipsis"), ("tool_call(a=[1, {2}])", "set"), ("tool_call(a={1: 2})", "non-string key"),
+    ("tool_call(a=1e999)", "inf"), ('{"a": NaN}', "NaN"),
+])
+def test_tool_call_parameters_are_json_values_only(body, error):
+    from glm_hf.chat_glm import parse_tool_call
+
+    parsed = parse_tool_call("f", body)
+    assert parsed["parameters"] is None and error in parsed["error"] and parsed["content"] == body
+
+
+def test_tool_call_tuples_become_lists():
+    from glm_hf.chat_glm import parse_tool_call
+
+    parsed = parse_tool_call("f", "tool_call(a=(1, 'x'), b={'k': (None, True, 1.5)})")
+    assert parsed["parameters"] == {"a": [1, "x"], "b": {"k": [None, True, 1.5]}}
+    json.dumps(parsed["parameters"], allow_nan=False)  # serialisable as JSON
+
+
+class _Force(LogitsProcessor):
+    def __init__(self, ids, steps):
+        self.ids, self.start, self.steps = list(ids), None, steps
+
+    def __call__(self, input_ids, scores):
+        self.steps.append(1)
+        self.start = input_ids.shape[1] if self.start is None else self.start
+        forced = self.ids[min(input_ids.shape[1] - self.start, len(self.ids) - 1)]
+        return torch.full_like(scores, float("-inf")).index_fill_(-1, torch.tensor([forced]), 0.0)
+
+
+def test_abandoned_stream_stops_while_still_referenced():
+    tokenizer = glm.tokenization.train_glm_tokenizer(["the quick brown fox jumps"] * 50, vocab_size=300)
+    torch.manual_seed(0)
+    model = glm.ChatGLMForConditionalGeneration(tiny_config(padded_vocab_size=320)).eval()
+    steps = []
+    reply = tokenizer.build_single_message("assistant", "", "fox " * 100)[1:]
+    stream = model.stream_chat(tokenizer, "hi", [], do_sample=False, max_new_tokens=200,
+                               logits_processor=LogitsProcessorList([_Force(reply, steps)]))
+    next(stream)  # the loop breaks here; `stream` stays referenced and is not closed
+    seen, quiet_since, deadline = len(steps), time.time(), time.time() + 60
+    while time.time() - quiet_since < 2 and time.time() < deadline:  # until generate() makes no progress for 2 s
+        time.sleep(0.1)
+        if len(steps) != seen:
+            seen, quiet_since = len(steps), time.time()
+    assert len(steps) < 15  # 200 if it ran on; the bounded queue lets it run at most a few steps ahead
+    threads = threading.active_count()
+    stream.close()  # ends generate() and its thread
+    assert threading.active_count() == threads - 1

@@ -280,3 +280,11 @@ def test_resume_under_other_step_settings_is_refused_naming_them(workspace, lora
     if change == ["--block_size", "128"]:
         train.main(lora_argv(workspace, lora_run, "--max_train_steps", "3", "--resume_from_checkpoint", "latest"))
         assert max(losses(lora_run)) == 3
+
+
+def test_every_code_file_a_folder_carries_counts_as_train_pys_own():
+    """--overwrite_output_dir replaces train.py's files and leaves a user's: the code files save_pretrained copies
+    are train.py's (a file missing here would be kept as a user's, and the folder listed as foreign)."""
+    from local_glm import CODE_FILES
+
+    assert set(CODE_FILES) <= checkpoint.OWN_FILES

@@ -10,6 +10,8 @@ import textwrap
 import pytest
 import torch
 from conftest import ROOT, glm, tiny_config
+from safetensors.torch import load_file, save_file
+from train_helpers import snapshot
 
 import convert_glm
 from text_helpers import _thudm_folder
@@ -81,3 +83,34 @@ def test_adopting_a_folder_that_is_not_glm_fails_clearly(tmp_path):
         convert_glm.adopt_code(tmp_path, tmp_path)
     with pytest.raises(FileNotFoundError, match="config.json"):
         convert_glm.adopt_code(tmp_path / "missing", tmp_path / "out")
+
+
+@pytest.mark.parametrize("case, message", [
+    ("wrong_shape", r"wrong shape: transformer\.encoder\.layers\.0\.mlp\.dense_4h_to_h\.weight \(64, 95\)"),
+    ("missing_tensor", r"missing: transformer\.encoder\.layers\.1\.input_layernorm\.weight"),
+    ("missing_output_layer", r"missing: transformer\.output_layer\.weight"),
+    ("layer_count", r"the weights hold 2 layers .* num_layers 3"),
+])
+def test_convert_refuses_a_checkpoint_that_disagrees_with_config(tmp_path, case, message):
+    src = tmp_path / "src"
+    torch.manual_seed(0)
+    glm.ChatGLMForConditionalGeneration(tiny_config()).save_pretrained(src)
+    state = load_file(str(src / "model.safetensors"))
+    if case == "wrong_shape":
+        state["transformer.encoder.layers.0.mlp.dense_4h_to_h.weight"] = torch.zeros(64, 95)
+    elif case == "missing_tensor":
+        del state["transformer.encoder.layers.1.input_layernorm.weight"]
+    elif case == "missing_output_layer":
+        del state["transformer.output_layer.weight"]
+    else:
+        config = json.loads((src / "config.json").read_text())
+        config["num_layers"] = config["num_hidden_layers"] = 3
+        (src / "config.json").write_text(json.dumps(config))
+    save_file(state, str(src / "model.safetensors"), metadata={"format": "pt"})
+    before = snapshot(src)
+    for to in ("native", "code"):
+        dst = tmp_path / f"dst-{to}"
+        with pytest.raises(ValueError, match=message):
+            convert_glm.main(["--to", to, str(src), str(dst)])
+        assert not dst.exists()
+    assert snapshot(src) == before

@@ -5,7 +5,8 @@ import json
 import re
 
 import pytest
-from conftest import glm
+import torch
+from conftest import glm, tiny_config
 from train_helpers import common, losses, write_jsonl
 
 import train
@@ -209,3 +210,30 @@ def test_every_row_is_dealt_and_any_split_of_a_step_sees_the_same_rows(rows):
     assert empty["input_ids"].tolist() == [[0]] and empty["labels"].tolist() == [[-100]]
     packed_empty = batches.PackedCollator(pad_token_id=0)([])
     assert packed_empty["position_ids"].tolist() == [[0]] and packed_empty["labels"].tolist() == [[-100]]
+
+
+def test_train_packing_gives_the_padded_runs_loss_sum_and_target_count():
+    """train.py --packing: pack_sft rows through PackedCollator and token_loss_sum (what the training loop runs) give
+    the loss sum and target count of the same conversations right-padded one per row."""
+    import datasets
+
+    from glm_train import loop
+    from glm_train.data import batches, builtin, preprocess, sources
+
+    rows, _ = builtin.skill_splits(n_train=24, n_heldout=2, seed=3)
+    tokenizer = glm.tokenization.train_glm_tokenizer(list(sources.conversation_texts(rows)), vocab_size=500)
+    tokenized = preprocess.tokenize_sft(datasets.Dataset.from_list(rows), tokenizer, "conversations", block_size=96)
+    packed = preprocess.pack_sft(tokenized, block_size=96)
+    assert len(packed) < len(tokenized) and max(len(r) for r in packed["input_ids"]) <= 96
+    assert sum(len(r) for r in packed["input_ids"]) == sum(len(r) for r in tokenized["input_ids"])
+    config = tiny_config(padded_vocab_size=512, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(10)
+    model = glm.ChatGLMForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        padded_sum, padded_count = loop.token_loss_sum(
+            model, batches.Collator(tokenizer.pad_token_id)(list(tokenized)))
+        packed_batch = batches.PackedCollator(tokenizer.pad_token_id)(list(packed))
+        assert "attention_mask" not in packed_batch
+        packed_sum, packed_count = loop.token_loss_sum(model, packed_batch)
+    assert int(packed_count) == int(padded_count) > 0
+    torch.testing.assert_close(packed_sum, padded_sum, atol=1e-3, rtol=1e-5)

@@ -42,3 +42,13 @@ def test_presets_load_through_autoconfig():
     assert (config.num_layers, config.padded_vocab_size, config.seq_length) == (28, 65024, 8192)
     args = flags.parse_args(["--config_name", "glm-4-9b", "--train_file", "x.txt"])
     assert model.load_config(config_name=args.config_name).rope_ratio == 500
+
+
+@pytest.mark.parametrize("extra, message", [(["--streaming", "--max_train_steps", "1"], "--streaming"),
+                                            (["--pre_seq_len", "4"], "--pre_seq_len")])
+def test_train_packing_refuses_what_it_cannot_pack(extra, message, capsys):
+    from glm_train import flags
+
+    with pytest.raises(SystemExit):
+        flags.parse_args(["--config_name", "tiny", "--packing", *extra])
+    assert message in capsys.readouterr().err

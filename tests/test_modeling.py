@@ -2,19 +2,23 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from conftest import ROOT, glm, reference_file, tiny_config
 from model_helpers import left_padded_batch, static_cache
+from train_helpers import fake_finished_run, snapshot
 from transformers import GlmForCausalLM
 from transformers.cache_utils import DynamicCache
 
 import convert_glm
+import train
 
 modeling = glm.modeling
 
@@ -632,3 +636,36 @@ def test_rmsnorm_rotary_and_swiglu_functions_gradcheck():
     assert torch.autograd.gradcheck(modeling._SwiGLUFunction.apply, (gate_up,))
     gate, up = gate_up.chunk(2, dim=-1)
     torch.testing.assert_close(modeling._SwiGLUFunction.apply(gate_up), torch.nn.functional.silu(gate) * up)
+
+
+def _short_checkpoint(folder: Path, config_layers: int, keep_layers: int):
+    model = glm.ChatGLMForConditionalGeneration(tiny_config(num_layers=keep_layers, padded_vocab_size=512))
+    model.save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["num_layers"] = config_layers
+    config.pop("num_hidden_layers", None)
+    (folder / "config.json").write_text(json.dumps(config))
+    return model
+
+
+def test_checkpoint_with_fewer_layers_than_config_is_refused(workspace, tmp_path):
+    base = tmp_path / "short"
+    _short_checkpoint(base, config_layers=4, keep_layers=2)
+    for file in (workspace / "base").glob("tokeniz*"):
+        shutil.copy(file, base)
+    with pytest.raises(ValueError, match=r"lacks \d+ weight\(s\).*transformer\.encoder\.layers\.2\."):
+        glm.ChatGLMForConditionalGeneration.from_pretrained(base)
+    out = tmp_path / "out"
+    fake_finished_run(out)
+    before = snapshot(out)
+    with pytest.raises(ValueError, match="transformer.encoder.layers.3"):
+        train.main(["--model_name_or_path", str(base), "--train_file", str(workspace / "chats.jsonl"),
+                    "--output_dir", str(out), "--max_train_steps", "1", "--block_size", "64",
+                    "--overwrite_output_dir"])
+    assert snapshot(out) == before  # even with --overwrite_output_dir: nothing goes before the model is built
+    # New heads stay allowed: a P-tuning prefix added to a base model, a classifier on a causal-LM checkpoint.
+    ok = tmp_path / "ok"
+    _short_checkpoint(ok, config_layers=2, keep_layers=2)
+    model = glm.ChatGLMForConditionalGeneration.from_pretrained(ok, pre_seq_len=3)
+    assert model.transformer.prefix_encoder is not None
+    assert glm.ChatGLMForSequenceClassification.from_pretrained(ok, num_labels=2).classifier_head.out_features == 2

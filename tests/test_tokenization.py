@@ -458,3 +458,10 @@ def test_too_small_a_vocabulary_for_the_characters_names_the_setting():
     with pytest.raises(ValueError, match=r"vocab_size 300 is too small for the training texts' characters: it needs "
                                          r"at least \d+ \(train.py: --tokenizer_vocab_size\)"):
         tg.train_glm_tokenizer(texts, vocab_size=300)
+
+
+def test_encode_batch_ids_refuses_a_str():
+    tokenizer = glm.tokenization.train_glm_tokenizer(["abc def"] * 50, vocab_size=300)
+    with pytest.raises(TypeError, match="batch"):
+        tokenizer.encode_batch_ids("abc")
+    assert tokenizer.encode_batch_ids(["abc"]) == [tokenizer("abc")["input_ids"]]
