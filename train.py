@@ -87,9 +87,10 @@ def build(args, accelerator, checkpointer):
     new_tokenizer = not (args.tokenizer_name or args.model_name_or_path or checkpointer.resume_from)
     if new_tokenizer:  # trained on this run's data (start() keeps a copy where resumes find it)
         corpus = data.tokenizer_corpus(rows, args.max_train_samples, args.streaming)
-        tokenizer = model.shared_tokenizer(accelerator, lambda: model.train_tokenizer(corpus,
-                                                                                     args.tokenizer_vocab_size))
+        tokenizer, tokenizer_files = model.shared_tokenizer(
+            accelerator, lambda: model.train_tokenizer(corpus, args.tokenizer_vocab_size))
     else:
+        tokenizer_files = None
         tokenizer = model.load_tokenizer(args.tokenizer_name or args.model_name_or_path or
                                          checkpointer.tokenizer_folder())
     splits = data.tokenize(rows, tokenizer, block_size=block_size, seed=args.seed,
@@ -113,7 +114,7 @@ def build(args, accelerator, checkpointer):
                             lora_dropout=args.lora_dropout)
     rows_trained = None if args.streaming else len(splits.train)
     run = flags.step_settings(args, accelerator.num_processes, block_size, rows_trained, net.config)
-    checkpointer.start(accelerator, tokenizer if new_tokenizer else None, run)  # the first change to --output_dir
+    checkpointer.start(accelerator, tokenizer_files, run)  # the first change to --output_dir
     if new_tokenizer:  # the same tokenizer, from where resumes will find it
         tokenizer = model.load_tokenizer(checkpointer.output_dir / "tokenizer")
     n_params = sum(engine.param_numel(p) for p in net.parameters())

@@ -5,7 +5,7 @@ every `every` steps). Everything before them only reads, so bad input stops a ru
 
     checkpointer = Checkpointer("output/run", resume_from="latest", every=300)   # reads the folder, decides
     ... data, tokenizer and model are built, every check passed ...
-    checkpointer.start(accelerator, tokenizer)                                 # the first write
+    checkpointer.start(accelerator, tokenizer_files)                           # the first write
     start_step = checkpointer.load(accelerator)
     for step in range(start_step + 1, total + 1):
         ...
@@ -79,10 +79,11 @@ class Checkpointer:
         raise InputError(f"cannot resume from {self.resume_from}: the tokenizer its run trained is neither "
                                 f"in {run_dir / TOKENIZER_COPY} nor in {run_dir}; give it with --tokenizer_name")
 
-    def start(self, accelerator, tokenizer=None, run=None):
+    def start(self, accelerator, tokenizer_files=None, run=None):
         """The first change to the folder, once data, tokenizer and model are ready and every check has passed:
-        create it, remove what the constructor planned, and write a from-scratch run's new `tokenizer` where resumes
-        find it (whole into TOKENIZER_TEMPORARY, fsynced, renamed to TOKENIZER_COPY). `run` holds what a step of this
+        create it, remove what the constructor planned, and write a from-scratch run's new tokenizer (its saved
+        files, {name: bytes}) where resumes find it (whole into TOKENIZER_TEMPORARY, fsynced, renamed to
+        TOKENIZER_COPY). `run` holds what a step of this
         run means ({setting: value}: batch, accumulation, processes, data, model, adapter); every checkpoint records
         it, and a resume whose `run` differs is refused, naming each difference."""
         self.accelerator, self.run = accelerator, dict(run or {})
@@ -104,8 +105,10 @@ class Checkpointer:
                     path.unlink()
             if temporary.exists():
                 shutil.rmtree(temporary)  # an interrupted copy of an earlier start
-            if tokenizer is not None:
-                tokenizer.save_pretrained(temporary)
+            if tokenizer_files is not None:
+                temporary.mkdir()
+                for name, content in tokenizer_files.items():
+                    (temporary / name).write_bytes(content)
                 fsync_tree(temporary)
                 if work.exists():
                     shutil.rmtree(work)  # a new run's: no checkpoint uses the old copy (check_output_dir)

@@ -72,7 +72,8 @@ def train_tokenizer(corpus, vocab_size: int):
 def shared_tokenizer(accelerator, train):
     """A tokenizer trained once (`train()`, on the main process) and loaded by every process, without writing to the
     output folder (nothing goes there before every check has passed): its saved files travel to the other processes
-    through the process group."""
+    through the process group. Returns (tokenizer, files): the files ({name: bytes}) are what a copy is written from
+    (the folder it was loaded from is gone, and save_pretrained would then leave tokenizer.model out)."""
     import tempfile
 
     from accelerate.utils import broadcast_object_list
@@ -86,7 +87,7 @@ def shared_tokenizer(accelerator, train):
             broadcast_object_list(files)
         for name, content in files[0].items():
             (Path(folder) / name).write_bytes(content)
-        return load_tokenizer(folder)
+        return load_tokenizer(folder), files[0]
 
 
 def round_up(n: int, multiple: int = 64) -> int:

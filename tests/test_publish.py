@@ -21,6 +21,7 @@ def test_output_folder_loads_through_automodel_in_a_fresh_process(workspace, tmp
     names = {p.name for p in out.iterdir()}
     assert {"config.json", "model.safetensors", "configuration_glm.py", "modeling_glm.py", "chat_glm.py",
             "tokenization_glm.py", "tokenizer.json", "tokenizer_config.json", "generation_config.json", "README.md",
+            "tokenizer.model",  # the trained SentencePiece model: llama.cpp's and chatglm.cpp's converters read it
             "loss_curve.png", "metrics.jsonl"} <= names
     assert "tokenizer" not in names  # the from-scratch working copy is not left in the Hub folder
     config = json.loads((out / "config.json").read_text())
