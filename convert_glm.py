@@ -391,6 +391,20 @@ def adopt_code(src, dst) -> None:
         shutil.copy2(ROOT / code, dst / code)
 
 
+def refuse_destination(parser, src: Path, dst: Path, to: str, overwrite: bool):
+    """Before anything is read or written: a conversion never writes into its own source (a half-converted folder
+    that loads as neither model), and never over a user's files without --overwrite."""
+    source, target = src.resolve(), dst.resolve()
+    in_place = target == source and to == "code"  # --to code changes only JSON keys and adds code files
+    if not in_place and (target == source or source in target.parents):
+        parser.error(f"dst {dst} is {'src' if target == source else 'inside src'} {src}: --to {to} would write "
+                     "over the checkpoint it reads; give a new folder")
+    held = sorted(p.name for p in target.iterdir()) if target.is_dir() else []
+    if not in_place and not overwrite and held:
+        parser.error(f"dst {dst} already holds files ({', '.join(held[:5])}{' ...' * (len(held) > 5)}); give a new "
+                     "or empty folder, or --overwrite to replace files of the same names")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--to", required=True, choices=("native", "glm", "code"),
@@ -398,8 +412,11 @@ def main(argv=None):
                              "native checkpoint; code = a THUDM checkpoint as it is, with this repository's code "
                              "(src may equal dst)")
     parser.add_argument("src", help="checkpoint folder to read (config.json and weights)")
-    parser.add_argument("dst", help="folder to write")
+    parser.add_argument("dst", help="folder to write: a new or empty one (with --to code also src itself)")
+    parser.add_argument("--overwrite", action="store_true", help="write into a dst that already holds files (its "
+                        "files of the same names are replaced)")
     args = parser.parse_args(argv)
+    refuse_destination(parser, Path(args.src), Path(args.dst), args.to, args.overwrite)
     if args.to == "code":
         adopt_code(args.src, args.dst)
     else:

@@ -114,3 +114,27 @@ def test_convert_refuses_a_checkpoint_that_disagrees_with_config(tmp_path, case,
             convert_glm.main(["--to", to, str(src), str(dst)])
         assert not dst.exists()
     assert snapshot(src) == before
+
+
+def test_a_conversion_never_writes_over_its_source_or_a_users_files(tmp_path, capsys):
+    """convert_glm.py --to native DIR DIR used to overwrite DIR's config.json and weights and then fail, leaving a
+    folder that loads as neither model; an occupied dst lost its config.json silently. Both are refused before
+    anything is read, naming the folder; --overwrite (or a new folder) converts."""
+    src = tmp_path / "glm"
+    glm.ChatGLMForConditionalGeneration(tiny_config()).save_pretrained(src)
+    before = snapshot(src)
+    for dst, why in ((src, "is src"), (src / "native", "is inside src")):
+        with pytest.raises(SystemExit) as exit_info:
+            convert_glm.main(["--to", "native", str(src), str(dst)])
+        assert exit_info.value.code == 2 and f"dst {dst} {why} {src}" in capsys.readouterr().err
+        assert snapshot(src) == before
+    occupied = tmp_path / "mine"
+    occupied.mkdir()
+    (occupied / "config.json").write_text("my own config")
+    with pytest.raises(SystemExit):
+        convert_glm.main(["--to", "native", str(src), str(occupied)])
+    assert "already holds files (config.json); give a new or empty folder, or --overwrite" in capsys.readouterr().err
+    assert (occupied / "config.json").read_text() == "my own config"
+    convert_glm.main(["--to", "native", str(src), str(occupied), "--overwrite"])
+    assert json.loads((occupied / "config.json").read_text())["model_type"] == "glm"
+    convert_glm.main(["--to", "code", str(src), str(src)])  # in place is what --to code is for
