@@ -229,7 +229,7 @@ def check_output_dir(folder: Path, overwrite: bool, checkpoint):
         raise OutputDirError(f"--output_dir {folder}: {_listing(folder, intruders)} in checkpoints/ is not a "
                              "checkpoint train.py wrote (no completion or started marker); checkpoints/ is "
                              "train.py's own folder, so move it out and start again")
-    # tokenizer.tmp is start()'s to handle (by then it may hold this run's new copy).
+    # tokenizer.tmp is only ever an interrupted copy: start() removes it before writing this run's.
     own = [p for p in own if p.name != TOKENIZER_TEMPORARY]
     stale = [p for p in own if TEMPORARY_CHECKPOINT_NAME.fullmatch(p.name)]
     kept = [p for p in own if p not in stale]
