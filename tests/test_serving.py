@@ -144,3 +144,147 @@ def test_tools_schema_does_not_retype_exact_values(glm3):
     text = 'get_weather\n ```python\ntool_call(city="3", days=3)\n```'
     message = glm3.parse_response(text, prefix="", tools=tools)
     assert message["tool_calls"][0]["function"]["arguments"] == {"city": "3", "days": 3}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# transformers serve on a native conversion, through scripts/serve.sh, driven by the openai client
+
+OPENAI_TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "天气", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}}}}]
+CALL = {"city": "北京", "days": 3}
+ASK, RESULT, ANSWER, HELLO, GREETING = "北京天气", '{"weather": "晴"}', "北京今天晴", "你好", "你好，我是 GLM"
+
+
+def _served_conversations():
+    call = {"type": "function", "function": {"name": "get_weather", "arguments": CALL}}
+    return [([{"role": "user", "content": ASK}, {"role": "assistant", "content": None, "tool_calls": [call]},
+              {"role": "tool", "content": RESULT}, {"role": "assistant", "content": ANSWER}], OPENAI_TOOLS),
+            ([{"role": "user", "content": HELLO}, {"role": "assistant", "content": GREETING}], None)]
+
+
+@pytest.fixture(scope="module")
+def served_folder(tmp_path_factory):
+    """A tiny GLM trained until greedy decoding replays _served_conversations (prompts as the server renders them:
+    OpenAI messages and tools=), saved as our folder with its tokenizer and code."""
+    import torch
+    from conftest import tiny_config
+
+    conversations = _served_conversations()
+    corpus = [ASK, RESULT, ANSWER, HELLO, GREETING, json.dumps(OPENAI_TOOLS, indent=4, ensure_ascii=False),
+              tg.format_tool_call("get_weather", CALL)[1]]
+    tokenizer = tg.train_glm_tokenizer(corpus * 20, vocab_size=400)
+    rows = [tokenizer.tokenize_conversation(messages, tools=tools) for messages, tools in conversations]
+    torch.manual_seed(0)
+    model = glm.ChatGLMForConditionalGeneration(tiny_config(padded_vocab_size=416))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(200):
+        loss = sum(model(torch.tensor([row["input_ids"]]), labels=torch.tensor([row["labels"]])).loss for row in rows)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        if loss.item() < 0.02:
+            break
+    model.generation_config.eos_token_id = tokenizer.stop_token_ids
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    folder = tmp_path_factory.mktemp("served") / "glm-tiny"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def transformers_server(served_folder, tmp_path_factory):
+    """scripts/serve.sh --engine transformers on our folder: it converts it to native (cached) and runs
+    `transformers serve` there. Yields (openai client, model name, the native folder, the script's banner)."""
+    import os
+    import subprocess
+    import time
+    import urllib.request
+
+    from conftest import ROOT
+    from openai import OpenAI
+
+    cache, port = tmp_path_factory.mktemp("serve-cache"), _free_port()
+    log = tmp_path_factory.mktemp("serve-log") / "serve.log"
+    env = dict(os.environ, PYTHON=sys.executable, GLM_SERVE_CACHE=str(cache), HF_HUB_OFFLINE="1")
+    with open(log, "w") as out:
+        server = subprocess.Popen(["bash", str(ROOT / "scripts" / "serve.sh"), str(served_folder), "--engine",
+                                   "transformers", "--port", str(port)], env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        for _ in range(240):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
+                break
+            except OSError:
+                assert server.poll() is None, log.read_text()
+                time.sleep(0.5)
+        else:
+            pytest.fail("transformers serve did not come up in 120 s:\n" + log.read_text())
+        native = next(p for p in cache.iterdir() if p.is_dir())
+        yield OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none"), str(native), native, log.read_text()
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+def test_serve_script_prints_url_example_and_limits(transformers_server):
+    _, name, native, banner = transformers_server
+    assert json.loads((native / "config.json").read_text())["architectures"] == ["GlmForCausalLM"]
+    assert "http://127.0.0.1:" in banner and "from openai import OpenAI" in banner and "limits:" in banner
+    saved = json.loads((native / "tokenizer_config.json").read_text())
+    assert saved["response_template"] == tg.response_template(False)
+    assert json.loads((native / "generation_config.json").read_text())["eos_token_id"] == [2, 64795, 64797] or \
+        len(json.loads((native / "generation_config.json").read_text())["eos_token_id"]) == 3
+
+
+def test_served_prompt_ids_equal_build_chat_input(served_folder, transformers_server):
+    """The server renders with the native folder's plain tokenizer: its ids are build_chat_input's; the usage it
+    reports counts them."""
+    client, name, native, _ = transformers_server
+    ours = tg.ChatGLMTokenizer.from_pretrained(served_folder)
+    plain = transformers.AutoTokenizer.from_pretrained(native)
+    messages = [{"role": "user", "content": ASK}]
+    expected = ours.build_chat_input(ASK, history=[{"role": "system", "content": json.dumps(
+        OPENAI_TOOLS, indent=4, ensure_ascii=False)}])["input_ids"][0].tolist()
+    assert plain.apply_chat_template(messages, tools=OPENAI_TOOLS, add_generation_prompt=True,
+                                     return_dict=False) == expected
+    reply = client.chat.completions.create(model=name, messages=[{"role": "user", "content": HELLO}], max_tokens=30)
+    assert reply.usage.prompt_tokens == len(ours.build_chat_input(HELLO)["input_ids"][0])
+
+
+def test_served_chat_and_stream_stop_where_ours_stops(transformers_server):
+    client, name, _, _ = transformers_server
+    reply = client.chat.completions.create(model=name, messages=[{"role": "user", "content": HELLO}], max_tokens=40)
+    # stopped by the stop ids of generation_config.json (the client passed none), without the format's "\n "
+    assert reply.choices[0].message.content == GREETING and reply.choices[0].finish_reason == "stop"
+    assert reply.usage.completion_tokens < 40
+    stream = client.chat.completions.create(model=name, messages=[{"role": "user", "content": HELLO}], max_tokens=40,
+                                            stream=True)
+    chunks = [chunk.choices[0].delta.content for chunk in stream if chunk.choices and chunk.choices[0].delta.content]
+    assert "".join(chunks) == GREETING and len(chunks) > 1
+
+
+def test_served_tool_call_then_tool_result(transformers_server):
+    client, name, _, _ = transformers_server
+    messages = [{"role": "user", "content": ASK}]
+    reply = client.chat.completions.create(model=name, messages=messages, tools=OPENAI_TOOLS, max_tokens=60)
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls" and not choice.message.content
+    (call,) = choice.message.tool_calls
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == CALL  # days is an int
+    messages += [choice.message.model_dump(exclude_none=True),
+                 {"role": "tool", "tool_call_id": call.id, "content": RESULT}]
+    follow = client.chat.completions.create(model=name, messages=messages, tools=OPENAI_TOOLS, max_tokens=60)
+    assert follow.choices[0].message.content == ANSWER and follow.choices[0].finish_reason == "stop"
+    stream = client.chat.completions.create(model=name, messages=messages[:1], tools=OPENAI_TOOLS, max_tokens=60,
+                                            stream=True)
+    calls = [call for chunk in stream if chunk.choices for call in chunk.choices[0].delta.tool_calls or []]
+    assert [json.loads(call.function.arguments) for call in calls] == [CALL]
