@@ -9,6 +9,7 @@ import pytest
 import transformers
 from conftest import glm
 
+from serving_helpers import ANSWER, ASK, CALL, GREETING, HELLO, OPENAI_TOOLS, RESULT, train_served_model
 from text_helpers import ARGUMENTS, glm3, glm4, glm4_folder, sp_model  # noqa: F401  (fixtures)
 
 chat_glm = sys.modules["glm_hf.chat_glm"]
@@ -149,46 +150,11 @@ def test_tools_schema_does_not_retype_exact_values(glm3):
 # ---------------------------------------------------------------------------------------------------------------
 # transformers serve on a native conversion, through scripts/serve.sh, driven by the openai client
 
-OPENAI_TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "天气", "parameters": {
-    "type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}}}}]
-CALL = {"city": "北京", "days": 3}
-ASK, RESULT, ANSWER, HELLO, GREETING = "北京天气", '{"weather": "晴"}', "北京今天晴", "你好", "你好，我是 GLM"
-
-
-def _served_conversations():
-    call = {"type": "function", "function": {"name": "get_weather", "arguments": CALL}}
-    return [([{"role": "user", "content": ASK}, {"role": "assistant", "content": None, "tool_calls": [call]},
-              {"role": "tool", "content": RESULT}, {"role": "assistant", "content": ANSWER}], OPENAI_TOOLS),
-            ([{"role": "user", "content": HELLO}, {"role": "assistant", "content": GREETING}], None)]
-
-
 @pytest.fixture(scope="module")
 def served_folder(tmp_path_factory):
-    """A tiny GLM trained until greedy decoding replays _served_conversations (prompts as the server renders them:
-    OpenAI messages and tools=), saved as our folder with its tokenizer and code."""
-    import torch
-    from conftest import tiny_config
-
-    conversations = _served_conversations()
-    corpus = [ASK, RESULT, ANSWER, HELLO, GREETING, json.dumps(OPENAI_TOOLS, indent=4, ensure_ascii=False),
-              tg.format_tool_call("get_weather", CALL)[1]]
-    tokenizer = tg.train_glm_tokenizer(corpus * 20, vocab_size=400)
-    rows = [tokenizer.tokenize_conversation(messages, tools=tools) for messages, tools in conversations]
-    torch.manual_seed(0)
-    model = glm.ChatGLMForConditionalGeneration(tiny_config(padded_vocab_size=416))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for _ in range(200):
-        loss = sum(model(torch.tensor([row["input_ids"]]), labels=torch.tensor([row["labels"]])).loss for row in rows)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        if loss.item() < 0.02:
-            break
-    model.generation_config.eos_token_id = tokenizer.stop_token_ids
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    """Our folder of a tiny GLM trained to replay serving_helpers.served_conversations."""
     folder = tmp_path_factory.mktemp("served") / "glm-tiny"
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    train_served_model(folder)
     return folder
 
 
@@ -235,14 +201,14 @@ def transformers_server(served_folder, tmp_path_factory):
         server.wait(30)
 
 
-def test_serve_script_prints_url_example_and_limits(transformers_server):
+def test_serve_script_prints_url_example_and_limits(served_folder, transformers_server):
     _, name, native, banner = transformers_server
     assert json.loads((native / "config.json").read_text())["architectures"] == ["GlmForCausalLM"]
     assert "http://127.0.0.1:" in banner and "from openai import OpenAI" in banner and "limits:" in banner
     saved = json.loads((native / "tokenizer_config.json").read_text())
     assert saved["response_template"] == tg.response_template(False)
-    assert json.loads((native / "generation_config.json").read_text())["eos_token_id"] == [2, 64795, 64797] or \
-        len(json.loads((native / "generation_config.json").read_text())["eos_token_id"]) == 3
+    stops = tg.ChatGLMTokenizer.from_pretrained(served_folder).stop_token_ids
+    assert json.loads((native / "generation_config.json").read_text())["eos_token_id"] == stops and len(stops) == 3
 
 
 def test_served_prompt_ids_equal_build_chat_input(served_folder, transformers_server):
