@@ -9,7 +9,8 @@ import pytest
 import transformers
 from conftest import glm
 
-from serving_helpers import ANSWER, ASK, CALL, GREETING, HELLO, OPENAI_TOOLS, RESULT, train_served_model
+from serving_helpers import (ANSWER, ASK, CALL, GREETING, HELLO, OPENAI_TOOLS, RESULT, free_port, start_serve,
+                             train_served_model)
 from text_helpers import ARGUMENTS, glm3, glm4, glm4_folder, sp_model  # noqa: F401  (fixtures)
 
 chat_glm = sys.modules["glm_hf.chat_glm"]
@@ -158,42 +159,16 @@ def served_folder(tmp_path_factory):
     return folder
 
 
-def _free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def transformers_server(served_folder, tmp_path_factory):
     """scripts/serve.sh --engine transformers on our folder: it converts it to native (cached) and runs
     `transformers serve` there. Yields (openai client, model name, the native folder, the script's banner)."""
-    import os
-    import subprocess
-    import time
-    import urllib.request
-
-    from conftest import ROOT
     from openai import OpenAI
 
-    cache, port = tmp_path_factory.mktemp("serve-cache"), _free_port()
+    cache, port = tmp_path_factory.mktemp("serve-cache"), free_port()
     log = tmp_path_factory.mktemp("serve-log") / "serve.log"
-    env = dict(os.environ, PYTHON=sys.executable, GLM_SERVE_CACHE=str(cache), HF_HUB_OFFLINE="1")
-    with open(log, "w") as out:
-        server = subprocess.Popen(["bash", str(ROOT / "scripts" / "serve.sh"), str(served_folder), "--engine",
-                                   "transformers", "--port", str(port)], env=env, stdout=out, stderr=subprocess.STDOUT)
+    server = start_serve(served_folder, "transformers", port, log, timeout=120, GLM_SERVE_CACHE=str(cache))
     try:
-        for _ in range(240):
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
-                break
-            except OSError:
-                assert server.poll() is None, log.read_text()
-                time.sleep(0.5)
-        else:
-            pytest.fail("transformers serve did not come up in 120 s:\n" + log.read_text())
         native = next(p for p in cache.iterdir() if p.is_dir())
         yield OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none"), str(native), native, log.read_text()
     finally:
