@@ -51,7 +51,12 @@ GLM4_CALLS = [
     ("{}", None),
     ('{"s": "\\"q\\" \\n 😀"}', None),
     *[(tg.format_tool_call("get_weather", arguments, glm4=True)[1], None) for arguments in ARGUMENTS],
+    ('```json\n{"city": "Paris"}\n```', None),
+    ('{"city": "北京", "days": [1, 2]}', None),
 ]
+# GLM-4 replies parse_tool_call refuses: the schema returns the text as the arguments string (OpenAI's API may send
+# arguments that are no JSON), or, for JSON that is no object, that value.
+GLM4_REFUSED = [('{"city": ', '{"city":'), ("[1, 2]", [1, 2]), ("some plain words", "some plain words")]
 CONTENTS = ["79", "你好，世界", "line one\n\nline two\n  indented", "😀𠀋 mixed 中文 text", "x = 1\n\ty = 2"]
 
 
@@ -137,6 +142,13 @@ def test_glm3_refused_calls_come_back_as_text_values(glm3, body, difference):
 def test_glm4_tool_calls_equal_parse_tool_call(glm4, body, difference):
     ours = _check_call(glm4, body, difference)
     assert ours["parameters"] is not None
+
+
+@pytest.mark.parametrize("body, difference", GLM4_REFUSED)
+def test_glm4_refused_calls_come_back_as_text_arguments(glm4, body, difference):
+    message, _, closed = _parse_all_ways(glm4, "get_weather", body)
+    assert message["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": difference}
+    assert closed == message["tool_calls"] and chat_glm.parse_tool_call("get_weather", body)["error"]
 
 
 def test_tools_schema_does_not_retype_exact_values(glm3):

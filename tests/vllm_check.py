@@ -59,8 +59,9 @@ print("RESULT " + json.dumps([list(o.outputs[0].token_ids) for o in outputs]))
 
 
 def prepare(work):
-    """In the test environment (our model code needs transformers >= 5.24 or 4.57; vLLM's has 5.19): the tiny model
-    as our folder and its native conversion, and our greedy tokens for PROMPTS (expected.json)."""
+    """In the test environment (our model code runs on transformers 5.25 and 4.57; vLLM's 5.19 names
+    create_causal_mask's arguments differently): the tiny model as our folder and its native conversion, and our
+    greedy tokens for PROMPTS (expected.json)."""
     from convert_glm import convert_checkpoint
 
     model, tokenizer = train_served_model(work / "glm-tiny", head_dim=32)
