@@ -241,3 +241,17 @@ def test_served_tool_call_then_tool_result(transformers_server):
                                             stream=True)
     calls = [call for chunk in stream if chunk.choices for call in chunk.choices[0].delta.tool_calls or []]
     assert [json.loads(call.function.arguments) for call in calls] == [CALL]
+
+
+def test_serve_script_never_falls_back_to_another_engine(served_folder, tmp_path):
+    """--engine vllm without vLLM stops with how to install it, instead of serving with transformers."""
+    import os
+    import subprocess
+
+    from conftest import ROOT
+
+    env = dict(os.environ, PYTHON=sys.executable, GLM_VLLM_ENV=str(tmp_path / "no-vllm"))
+    result = subprocess.run(["bash", str(ROOT / "scripts" / "serve.sh"), str(served_folder), "--engine", "vllm"],
+                            env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and "vLLM is not installed" in result.stderr and "install_vllm.sh" in result.stderr
+    assert "serving" not in result.stderr
