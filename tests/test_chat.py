@@ -4,6 +4,7 @@ import base64
 import copy
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -236,6 +237,34 @@ def test_chat_stops_at_every_stop_token_and_returns_history(tokenizer, model, st
                                       {"role": "assistant", "metadata": "", "content": "你好" + RARE}]
 
 
+def test_chat_length_defaults_to_the_model_context(tokenizer, model):
+    # Without max_length or max_new_tokens, prompt + reply stop at config.seq_length (256), not at 8192.
+    never_stops = tokenizer.encode(" fox", add_special_tokens=False)
+    prompt = tokenizer.build_chat_input("你好")["input_ids"].shape[1]
+    steps = []
+    model.chat(tokenizer, "你好", do_sample=False, logits_processor=LogitsProcessorList([_Force(never_stops, steps)]))
+    assert len(steps) == model.config.seq_length - prompt
+    for chat in (model.chat, lambda *a, **k: list(model.stream_chat(*a, **k))):
+        steps.clear()
+        with pytest.raises(ValueError, match=r"prompt \(query and history\) is \d+ tokens.*max_length=256 \(the "
+                                             r"model context, seq_length\)"):
+            chat(tokenizer, "fox " * 300, do_sample=False, logits_processor=LogitsProcessorList([_Force([5], steps)]))
+        assert not steps  # refused before generating
+    # max_new_tokens past the context: generated, with a warning.
+    with pytest.warns(UserWarning, match=r"the prompt is \d+ tokens, longer than the model's context"):
+        model.chat(tokenizer, "fox " * 300, do_sample=False, max_new_tokens=2)
+
+
+@pytest.mark.parametrize("text, code", [("a\ud800b", "U+D800"), ("\udfff", "U+DFFF")])
+def test_chat_refuses_lone_surrogates_naming_them(tokenizer, model, text, code):
+    with pytest.raises(ValueError, match=re.escape(f"message 0: content holds a lone surrogate {code}")):
+        model.chat(tokenizer, text, do_sample=False, max_new_tokens=2)
+    with pytest.raises(ValueError, match=re.escape(f"message 0: content holds a lone surrogate {code}")):
+        next(model.stream_chat(tokenizer, "hi", [{"role": "user", "content": text}], max_new_tokens=2))
+    with pytest.raises(ValueError, match=re.escape(f"text holds a lone surrogate {code}")):
+        tokenizer(text)
+
+
 def test_stream_chat_grows_in_whole_characters(tokenizer, model):
     text = "你好" + RARE + " fox" + RARE
     ids = reply_ids(tokenizer, text)
@@ -428,6 +457,28 @@ def test_chat_script_through_a_pipe(chat_folder, tmp_path):
     assert "Observation: " in out and "GLM: 北京今天晴" in out
     assert "(new conversation)" in out
     assert out.index("[tool call]") < out.index("北京今天晴") < out.index("(new conversation)")
+
+
+@pytest.mark.parametrize("content, error", [
+    ('[{"name": "f",}]', r"tools\.json line 1 column 15: malformed JSON: Expecting property name"),
+    ('{"name": "f"}', r"tools\.json: expected a JSON list of tool descriptions, got a dict"),
+    ('"f"', r"tools\.json: expected a JSON list of tool descriptions, got a str"),
+    ("[1, 2]", r"tools\.json: .*tools\[0\] must be a JSON object"),
+])
+def test_chat_script_checks_tools_before_loading_the_model(chat_folder, tmp_path, content, error):
+    (tmp_path / "tools.json").write_text(content, encoding="utf-8")
+    weights = chat_folder / "model.safetensors"
+    moved = tmp_path / "weights-elsewhere"
+    weights.rename(moved)  # the model cannot load: an error about it means the tools were checked too late
+    try:
+        result = subprocess.run([sys.executable, str(ROOT / "chat.py"), str(chat_folder), "--tools",
+                                 str(tmp_path / "tools.json")], input="hi\n", capture_output=True, text=True,
+                                timeout=300)
+    finally:
+        moved.rename(weights)
+    assert result.returncode == 2
+    assert "--tools" in result.stderr and re.search(error, result.stderr), result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_chat_script_history_and_clear(chat_folder):
