@@ -160,7 +160,7 @@ def finetune_folder(thudm_folder, chats, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("finetune") / "out"
     train.main(["--model_name_or_path", str(thudm_folder), "--train_file", str(chats), "--output_dir", str(out),
-                "--max_train_steps", "1", "--per_device_train_batch_size", "2", "--block_size", "64"])
+                "--max_train_steps", "1", "--per_device_train_batch_size", "2", "--block_size", "128"])
     return out
 
 
@@ -172,7 +172,7 @@ def scratch_folder(chats, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("scratch") / "out"
     train.main(["--config_name", str(ROOT / "presets" / "tiny.json"), "--train_file", str(chats), "--output_dir",
-                str(out), "--max_train_steps", "1", "--tokenizer_vocab_size", "600", "--block_size", "64",
+                str(out), "--max_train_steps", "1", "--tokenizer_vocab_size", "600", "--block_size", "128",
                 "--per_device_train_batch_size", "4"])
     return out
 
