@@ -221,6 +221,17 @@ def check_flag_values(parser, args):
         parser.error("--lora_alpha / --lora_dropout need --lora_r")
     if args.overwrite_output_dir and args.resume_from_checkpoint:
         parser.error("choose one of --overwrite_output_dir (start over) and --resume_from_checkpoint (continue)")
+    if args.push_to_hub and hub_offline():
+        parser.error("--push_to_hub uploads to the Hub, but HF_HUB_OFFLINE is set (scripts/run.sh and "
+                     "scripts/train.sh set HF_HUB_OFFLINE=1 unless it is given): run with HF_HUB_OFFLINE=0, or "
+                     "train without --push_to_hub and upload the folder later")
+
+
+def hub_offline() -> bool:
+    """Whether huggingface_hub is in offline mode (HF_HUB_OFFLINE, read when it was imported)."""
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
 
 
 def step_settings(args, processes: int, block_size: int, training_rows: int, config) -> dict:
