@@ -10,7 +10,9 @@ Example:
     >>> model = AutoModelForCausalLM.from_pretrained("THUDM/chatglm3-6b", trust_remote_code=True)
 """
 
+import json
 import math
+import os
 from typing import Optional
 
 import torch
@@ -417,16 +419,46 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
         a P-tuning v2 model comes back with only its prefix trainable (transformers 5.x hands back loaded
         parameters that all require grad, undoing the freeze of __init__)."""
         want_info = kwargs.pop("output_loading_info", False)
-        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+        try:
+            model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        except Exception as error:  # a truncated download or copy: name the file, which the libraries do not
+            damaged = damaged_file(source)
+            if damaged:
+                raise OSError(f"{damaged}; copy or download it again") from error
+            raise
         missing = sorted(k for k in info.get("missing_keys", ()) if not any(h in k for h in cls._new_heads))
         if missing:
-            source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
             raise ValueError(f"{source}: the checkpoint lacks {len(missing)} weight(s) the config needs: "
                              f"{', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}; check num_layers in "
                              "config.json against the weight files")
         if model.config.pre_seq_len is not None:
             getattr(model, "transformer", model).freeze_base_model()
         return (model, info) if want_info else model
+
+
+def damaged_file(folder):
+    """The first file of a local model folder that cannot be what its name says, with why: a .json file that does
+    not parse, or a .safetensors file shorter than its header declares (a truncated copy); None if all are whole."""
+    if not (isinstance(folder, (str, os.PathLike)) and os.path.isdir(folder)):
+        return None
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        try:
+            if name.endswith(".json"):
+                with open(path, encoding="utf-8") as f:
+                    json.load(f)
+            elif name.endswith(".safetensors"):
+                with open(path, "rb") as f:
+                    header_length = int.from_bytes(f.read(8), "little")
+                    header = json.loads(f.read(header_length))
+                end = 8 + header_length + max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"),
+                                              default=0)
+                if os.path.getsize(path) < end:
+                    return f"{path} is truncated: {os.path.getsize(path)} bytes where its header needs {end}"
+        except (ValueError, UnicodeDecodeError, KeyError, TypeError) as error:
+            return f"{path} is damaged (truncated?): {type(error).__name__}: {str(error)[:100]}"
+    return None
 
 
 def _prefix_length(config: ChatGLMConfig) -> int:

@@ -668,6 +668,26 @@ class ChatGLMTokenizer(PreTrainedTokenizerFast):
         self._template_control_re = re.compile(f"{_MARK}({controls}|{_MARK})|({controls})")
 
     @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """As PreTrainedTokenizerBase.from_pretrained; a truncated or damaged tokenizer file of a local folder is
+        named (the JSON parser's own error names no file)."""
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except Exception as error:
+            folder = pretrained_model_name_or_path
+            if not (isinstance(folder, (str, os.PathLike)) and os.path.isdir(folder)):
+                raise
+            for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+                path = os.path.join(folder, name)
+                try:
+                    if os.path.isfile(path):
+                        with open(path, encoding="utf-8") as f:
+                            json.load(f)
+                except ValueError as damaged:
+                    raise OSError(f"{path} is damaged (truncated?): {damaged}; copy or download it again") from error
+            raise
+
+    @classmethod
     def convert_to_native_format(cls, **kwargs):
         # transformers 5 calls this before __init__ to convert vocab files with its own converters; this class
         # converts the GLM files itself, so it takes the arguments unchanged.

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -648,6 +649,24 @@ def _short_checkpoint(folder: Path, config_layers: int, keep_layers: int):
     return model
 
 
+@pytest.mark.parametrize("name", ["model.safetensors", "tokenizer.json"])
+def test_a_truncated_file_is_named(workspace, tmp_path, name):
+    """A copy or download cut short: the libraries' errors ("incomplete metadata", "Expecting property name") name
+    no file; ours name it. The whole folder loads, so the check cannot misfire."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = tmp_path / "model"
+    shutil.copytree(workspace / "base", folder)
+    AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+    AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+    data = (folder / name).read_bytes()
+    (folder / name).write_bytes(data[:len(data) // 2])
+    load = AutoTokenizer.from_pretrained if name == "tokenizer.json" else AutoModelForCausalLM.from_pretrained
+    with pytest.raises(OSError, match=re.escape(str(folder / name)) + r" is (truncated|damaged).*copy or download it "
+                       "again"):
+        load(folder, trust_remote_code=True)
+
+
 def test_checkpoint_with_fewer_layers_than_config_is_refused(workspace, tmp_path):
     base = tmp_path / "short"
     _short_checkpoint(base, config_layers=4, keep_layers=2)
@@ -660,7 +679,7 @@ def test_checkpoint_with_fewer_layers_than_config_is_refused(workspace, tmp_path
     before = snapshot(out)
     with pytest.raises(ValueError, match="transformer.encoder.layers.3"):
         train.main(["--model_name_or_path", str(base), "--train_file", str(workspace / "chats.jsonl"),
-                    "--output_dir", str(out), "--max_train_steps", "1", "--block_size", "64",
+                    "--output_dir", str(out), "--max_train_steps", "1", "--block_size", "128",
                     "--overwrite_output_dir"])
     assert snapshot(out) == before  # even with --overwrite_output_dir: nothing goes before the model is built
     # New heads stay allowed: a P-tuning prefix added to a base model, a classifier on a causal-LM checkpoint.
