@@ -182,6 +182,60 @@ def chat_template(glm4=False):
     return "".join(line.strip() for line in template.strip().splitlines())
 
 
+# transformers' response parsing (`response_template`, read by `tokenizer.parse_response`, `get_response_parser`,
+# pipelines, `transformers serve` and vLLM's `hf` tool parser): a reply, the text after the prompt's last
+# <|assistant|>, becomes an OpenAI message. Its first line is the metadata: empty for an answer (the content follows,
+# without the format's "\n" and ChatGLM3's dummy-prefix space), else the name of the tool called, whose arguments
+# follow. Only features vLLM 0.32's copy of the parser also has are relied on, except `value_parser_by` (transformers
+# >= 5.25; vLLM ignores it and reads every value with the fallback). docs/serving.md lists what it cannot express.
+_NAME_LINE = r"\A[ \t]*(?P<function>\S[^\n]*?)[ \t]*\n"
+# An answer: an empty metadata line; or, at the end of a reply without any newline, the whole text (as
+# process_response reads it).
+_CONTENT_OPEN = r"\A(?:[ \t]*\n\s*|(?=[^\n]*\Z))"
+_JSON_STRING = r'"(?:[^"\\\n]|\\.)*"'
+_PY_STRING = r"'(?:[^'\\\n]|\\.)*'"
+# A value of ChatGLM3's tool_call(key=value, ...): a string, a number, a constant, or a bracketed container
+# (recursive, strings inside skipped whole); anything else up to the next "," or ")" is caught too, so that it is
+# not silently dropped.
+_PY_VALUE = (r"(?P<value>(?P<kind>True|False)\b|(?P<kind>')" + _PY_STRING[1:] + "|" + _JSON_STRING
+             + r"|-?\d[\w.+-]*|(?P<bracket>[\[{(](?:[^\[\]{}()\"']|" + _JSON_STRING + "|" + _PY_STRING
+             + r"|(?&bracket))*[\]})])|[^,()\s][^,()]*)")
+
+
+def response_template(glm4=False):
+    """The family's response-parsing schema, which `ChatGLMTokenizer` carries and `save_pretrained` writes into
+    tokenizer_config.json (so do `convert_glm.py --to native` folders).
+
+        >>> tokenizer.parse_response('get_weather\\n{"city": "北京"}', prefix="")   # GLM-4
+        {'role': 'assistant', 'tool_calls': [{'type': 'function', 'function': {'name': 'get_weather',
+         'arguments': {'city': '北京'}}}]}
+    """
+    if glm4:
+        arguments = {"content": "json"}
+    else:
+        # tool_call(a=1, b="x") inside a ```python fence: each key=value pair, each value JSON (a Python literal
+        # that is also JSON), True/False, None, or a single-quoted string without escapes.
+        tag = r"(?<=tool_call\(\s*|,\s*)(?P<key>[A-Za-z_]\w*)\s*=\s*(?:(?P<kind>None)\b(?=\s*[,)])|" + _PY_VALUE + ")"
+        arguments = {"content": "xml-inline", "content_args": {
+            "tag_pattern": tag,
+            "value_parser": {"name": "json", "args": {"allow_non_json": True}},
+            "value_parser_by": {"group": "kind", "parsers": {
+                "None": None, "True": {"name": "bool"}, "False": {"name": "bool"},
+                "'": {"name": "json", "args": {"string_delims": [["'", "'"]], "allow_non_json": True}}}}}}
+    stops = ["<|endoftext|>" if glm4 else "</s>", "<|user|>", "<|observation|>"]  # stop_token_ids, when kept
+    return {
+        "start_anchor": "<|assistant|>",
+        "defaults": {"role": "assistant"},
+        "fields": {
+            "content": {"open_pattern": _CONTENT_OPEN, "close": stops, "content": "text"},
+            "tool_calls": {
+                "open_pattern": _NAME_LINE, "close": stops, "repeats": True, **arguments,
+                "transform": {"type": "function", "function": {"name": "{function}", "arguments": "{content}"}},
+            },
+        },
+    }
+
+
 def _py_literal(value):
     """A JSON value written as a Python literal whose strings are JSON strings (what the template's py_value
     writes): tool_call(city="北京", days=3, ok=True, x=None)."""
@@ -660,6 +714,9 @@ class ChatGLMTokenizer(PreTrainedTokenizerFast):
                 setattr(self, f"{name}_token", "<|endoftext|>" if self.is_glm4 else "<s>")
         if self.chat_template is None:
             self.chat_template = chat_template(self.is_glm4)
+        # transformers >= 5.24 reads and saves it (4.57 has no response parsing: the attribute is then unused).
+        if getattr(self, "response_template", None) is None:
+            self.response_template = response_template(self.is_glm4)
         self._specials = {token.content: i for i, token in self.added_tokens_decoder.items() if token.special}
         self._aliases = {"<eos>": family["eos"], "<pad>": family["pad"], "<unk>": family["unk"], "<bos>": family["bos"]}
         self._prefix_ids = [self._specials[token] for token in family["prefix"]]
