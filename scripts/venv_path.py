@@ -1,5 +1,5 @@
 """Print the folder of the virtual environment scripts/env.sh uses for a requirements file:
-<GLM_VENV_ROOT>/<hash of the requirements files>-tf<newest transformers release they allow>-py<version>.
+<GLM_VENV_ROOT>/<hash of the file and those it includes>-tf<newest transformers release they allow>-py<version>.
 
 The newest transformers release (as pip resolves the file's transformers constraints, following -r includes,
 against the package index: about 2 s) is part of the name, so a new release gets a new environment the day it
@@ -17,26 +17,32 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def transformers_spec(path: Path) -> str:
-    """The transformers constraints of a requirements file and the files it includes, joined: '>=4.57,<6,<4.58'."""
-    specs = []
+def requirement_files(path: Path) -> list:
+    """A requirements file and the files it includes (-r), in order."""
+    files = [path]
     for line in path.read_text().splitlines():
         line = line.split("#", 1)[0].strip()
         if line.startswith("-r"):
-            specs.append(transformers_spec(path.parent / line[2:].strip()))
-        elif re.match(r"transformers\s*[<>=!~]", line):
-            specs.append(re.sub(r"^transformers\s*", "", line).replace(" ", ""))
-    return ",".join(spec for spec in specs if spec)
+            files += requirement_files((path.parent / line[2:].strip()).resolve())
+    return files
 
 
-def newest_transformers(requirements: Path):
-    """The version pip would install for the file's transformers constraints, or None if the index did not answer."""
+def transformers_spec(files) -> str:
+    """The transformers constraints of requirements files, joined: '>=4.57,<6,<4.58'."""
+    specs = []
+    for path in files:
+        for line in path.read_text().splitlines():
+            line = line.split("#", 1)[0].strip()
+            if re.match(r"transformers\s*[<>=!~]", line):
+                specs.append(re.sub(r"^transformers\s*", "", line).replace(" ", ""))
+    return ",".join(specs)
+
+
+def newest_transformers(files):
+    """The version pip would install for the files' transformers constraints, or None if the index did not answer."""
     try:
         report = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--no-deps", "--ignore-installed",
-                                 "-q", "--report", "-", f"transformers{transformers_spec(requirements)}"],
+                                 "-q", "--report", "-", f"transformers{transformers_spec(files)}"],
                                 capture_output=True, text=True, timeout=60)
         return json.loads(report.stdout)["install"][0]["metadata"]["version"] if report.returncode == 0 else None
     except (subprocess.TimeoutExpired, ValueError, LookupError):
@@ -44,10 +50,10 @@ def newest_transformers(requirements: Path):
 
 
 def venv_path(requirements: Path, root: Path) -> Path:
-    files = [requirements] + sorted(ROOT.glob("requirements*.txt"))
+    files = requirement_files(requirements)
     base = hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()[:16]
     python = "py%d%d" % sys.version_info[:2]
-    version = newest_transformers(requirements)
+    version = newest_transformers(files)
     if version:
         return root / f"{base}-tf{version}-{python}"
     made = sorted((d for d in root.glob(f"{base}-tf*-{python}") if (d / ".complete").is_file()),
