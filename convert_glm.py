@@ -348,7 +348,7 @@ def convert_checkpoint(src, dst, to: str) -> None:
 def adopt_code(src, dst) -> None:
     """Put this repository's code beside a THUDM checkpoint: weights and config keys unchanged, `auto_map` in
     config.json and tokenizer_config.json pointed at our files, `vocab_size` and our chat template added when
-    missing (llama.cpp reads them). `dst` may be `src` (only the JSON files change)."""
+    missing, `_name_or_path` as every saved config records it (llama.cpp reads them). `dst` may be `src` (only the JSON files change)."""
     from configuration_glm import AUTO_MAP
     from local_glm import CODE_FILES, ROOT
 
@@ -374,6 +374,11 @@ def adopt_code(src, dst) -> None:
     config["auto_map"] = dict(AUTO_MAP)
     # llama.cpp's converter reads vocab_size (outside its chatglm3-6b path); THUDM's glm-4 configs lack it.
     config.setdefault("vocab_size", config["padded_vocab_size"])
+    # What every saved config records (ChatGLMConfig.saved_name_or_path): llama.cpp reads ChatGLM3's vocabulary only
+    # under a name containing "THUDM/chatglm3-6b", which chatglm2-6b's own does not.
+    name = glm_config.saved_name_or_path()
+    if name:
+        config["_name_or_path"] = name
     (dst / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
     tokenizer_config = dst / "tokenizer_config.json"
     if tokenizer_config.exists():

@@ -251,4 +251,6 @@ def card_facts(args, mode: str) -> dict:
                 batch=f"{args.per_device_train_batch_size} per device x {args.gradient_accumulation_steps} "
                       "accumulation",
                 learning_rate=f"{args.learning_rate} ({args.lr_scheduler_type}, {args.num_warmup_steps} warmup steps)",
-                name=args.hub_model_id, lora=bool(args.lora_r), merged=args.merge_lora)
+                name=args.hub_model_id, lora=bool(args.lora_r), merged=args.merge_lora,
+                language=["en", "zh"] if args.builtin else [],  # the built-in data's languages; others unknown
+                dataset=args.dataset_name)
