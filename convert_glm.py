@@ -396,6 +396,33 @@ def adopt_code(src, dst) -> None:
         shutil.copy2(ROOT / code, dst / code)
 
 
+def llama_cpp_refusals(folder) -> list:
+    """Why llama.cpp's stock converter (convert_hf_to_gguf.py) would refuse `folder`, each reason with its fix, or []
+    (docs/engines.md). scripts/engines_check.py says them instead of running the converter, whose own errors name
+    remote code or a tokenizer rather than the cause. Not covered: a GLM-4 byte-level vocabulary other than the
+    published one, which only the converter's pre-tokenizer hash decides."""
+    folder = Path(folder)
+    if not (folder / "config.json").exists():
+        adapter = (folder / "adapter_config.json").exists()
+        return [f"{folder} has no config.json" + (": it is a LoRA adapter alone; convert the merged model "
+                                                  "(train.py --merge_lora, or peft's merge_and_unload() then "
+                                                  "save_pretrained)" if adapter else ": not a model folder")]
+    from configuration_glm import GLM3_ENGINE_MARK, ChatGLMConfig
+
+    values = json.loads((folder / "config.json").read_text())
+    config = ChatGLMConfig(**{k: v for k, v in values.items() if k not in ("auto_map", "architectures")})
+    reasons = []
+    if not (folder / "tokenizer.model").exists():
+        reasons.append(f"{folder} has no tokenizer.model, the vocabulary the converter reads: save the tokenizer "
+                       "beside the model (tokenizer.save_pretrained(folder))")
+    name = values.get("_name_or_path")
+    if config.is_glm3_format and GLM3_ENGINE_MARK not in str(name or ""):
+        reasons.append(f"{folder / 'config.json'}: _name_or_path {name!r} does not contain {GLM3_ENGINE_MARK!r}, so "
+                       "the converter would not read the ChatGLM3 SentencePiece vocabulary (a config written by "
+                       f"older code or by hand): run python convert_glm.py --to code {folder} {folder}")
+    return reasons
+
+
 def refuse_destination(parser, src: Path, dst: Path, to: str, overwrite: bool):
     """Before anything is read or written: a conversion never writes into its own source (a half-converted folder
     that loads as neither model), and never over a user's files without --overwrite."""

@@ -285,6 +285,43 @@ def test_glm4_folder_is_refused_by_the_pre_tokenizer_hash_and_otherwise_converts
         np.testing.assert_array_equal(np.asarray(tensors[gguf_name(name)].data).reshape(value.shape), value.numpy())
 
 
+def test_a_folder_llama_cpp_would_refuse_is_named_with_its_fix_first(resaved_folder, llama_cpp, tmp_path):
+    """A ChatGLM3 folder whose config.json lacks the name (written by older code) and one without tokenizer.model:
+    convert_glm.llama_cpp_refusals names each cause and its fix, engines_check says it instead of the converter's
+    own error (which is about remote code), and the fix it names makes the folder convert."""
+    import shutil
+
+    import convert_glm
+
+    old = tmp_path / "old"
+    shutil.copytree(resaved_folder, old)
+    config = json.loads((old / "config.json").read_text())
+    del config["_name_or_path"]
+    (old / "config.json").write_text(json.dumps(config))
+    (refusal,) = convert_glm.llama_cpp_refusals(old)
+    assert refusal.endswith(f"run python convert_glm.py --to code {old} {old}") and "_name_or_path None" in refusal
+    code, log = to_gguf(llama_cpp, old, tmp_path / "x.gguf")
+    assert code != 0 and "trust_remote_code=True" in log  # what the converter alone says
+    if (ENGINES["llama.cpp"] / ".complete").exists():
+        code, out, lines = run_engines_check(old, "--engines", "llama.cpp")
+        assert code == 1 and lines == [f"DIFF llama.cpp converts the folder: {refusal}"], out[-3000:]
+
+    subprocess.run([sys.executable, str(ROOT / "convert_glm.py"), "--to", "code", str(old), str(old)], check=True,
+                   capture_output=True, timeout=300, env=ENV)
+    assert convert_glm.llama_cpp_refusals(old) == []
+    code, log = to_gguf(llama_cpp, old, tmp_path / "model.gguf")
+    assert code == 0, log[-3000:]
+    check_gguf(tmp_path / "model.gguf", old, tg.ChatGLMTokenizer.from_pretrained(old))
+
+    (old / "tokenizer.model").unlink()
+    assert convert_glm.llama_cpp_refusals(old) == [f"{old} has no tokenizer.model, the vocabulary the converter "
+                                                   "reads: save the tokenizer beside the model "
+                                                   "(tokenizer.save_pretrained(folder))"]
+    (old / "adapter_config.json").write_text("{}")
+    (old / "config.json").unlink()
+    assert "a LoRA adapter alone; convert the merged model" in convert_glm.llama_cpp_refusals(old)[0]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # chatglm.cpp
 
