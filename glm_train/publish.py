@@ -186,7 +186,7 @@ def base_license(base, hub_id):
             if card.data.get(key)}, None
 
 
-def eval_results(facts: RunFacts, summary: dict, dataset_type: str, dataset_name: str):
+def eval_results(summary: dict, dataset_type: str, dataset_name: str):
     """huggingface_hub EvalResults of what the run measured: validation loss and perplexity, and the built-in run's
     held-out exact match (absent values are left out)."""
     from huggingface_hub import EvalResult
@@ -211,7 +211,7 @@ def card_data(facts: RunFacts, summary: dict, model_name: str):
     dataset = hub_dataset(facts.dataset)
     values = dict(library_name="peft" if adapter else "transformers", pipeline_tag="text-generation", tags=tags,
                   language=facts.language or None, datasets=[dataset] if dataset else None, model_name=model_name,
-                  eval_results=eval_results(facts, summary, dataset or "custom", facts.data) or None)
+                  eval_results=eval_results(summary, dataset or "custom", facts.data) or None)
     note = None
     if facts.base is None:
         values["license"] = "mit"  # trained from scratch with this repository's MIT-licensed code
@@ -239,9 +239,9 @@ def write_model_card(output_dir: Path, facts: RunFacts, summary: dict):
 
     origin = ("fine-tuned from " + (base or "a local model") if facts.base
               else "trained from scratch with config " + str(facts.config_name))
-    licence = (f"\nLicence: {data.license}, the base model's. " if facts.base and not licence_note else
-               f"\nLicence: the base model's terms apply ({licence_note}). " if facts.base else
-               "\nLicence: MIT, as this repository's code; the weights were trained from scratch. ")
+    licence = (f"Licence: {data.license}, the base model's." if facts.base and not licence_note else
+               f"Licence: the base model's terms apply ({licence_note})." if facts.base else
+               "Licence: MIT, as this repository's code; the weights were trained from scratch.")
     heldout = ("" if summary.get("heldout_exact_match") is None else
                f"\nHeld-out exact match of greedy replies (questions never seen in training): "
                f"{summary['heldout_exact_match']:.1%} ({summary.get('heldout_details', '')}).\n")
@@ -250,6 +250,7 @@ def write_model_card(output_dir: Path, facts: RunFacts, summary: dict):
 
 A GLM model ({origin})
 by this repository's `train.py` ({facts.method} training, {facts.mode} mode).
+
 {licence}
 
 | | |

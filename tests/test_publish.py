@@ -215,7 +215,7 @@ class FakeHubHandler(BaseHTTPRequestHandler):
             request = json.loads(body)
             repo = f"{request['organization']}/{request['name']}" if request.get("organization") else request["name"]
             (hub.root / repo).mkdir(parents=True, exist_ok=True)
-            return self.answer({"url": f"{hub.url}/{repo}", "name": repo})
+            return self.answer({"url": f"https://huggingface.co/{repo}", "name": repo})  # the Hub's own answer
         if path == "/api/validate-yaml":
             return self.answer({"errors": [], "warnings": []})
         match = re.fullmatch(r"/api/models/(.+)/(preupload|commit)/main", path)
@@ -232,7 +232,8 @@ class FakeHubHandler(BaseHTTPRequestHandler):
                     target.write_bytes(base64.b64decode(entry["value"]["content"]))
                 elif entry["key"] != "header":
                     hub.unknown.append(f"commit entry {entry['key']}")
-            return self.answer({"commitUrl": f"{hub.url}/{match[1]}/commit/{'0' * 40}", "commitOid": "0" * 40})
+            return self.answer({"commitUrl": f"https://huggingface.co/{match[1]}/commit/{'0' * 40}",
+                                "commitOid": "0" * 40})
         hub.unknown.append(f"POST {self.path}")
         return self.answer({"error": "not faked"}, 404)
 
