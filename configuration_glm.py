@@ -31,9 +31,9 @@ AUTO_MAP = {
 }
 
 # llama.cpp's converter (convert_hf_to_gguf.py, ChatGLMModel) reads a ChatGLM2/3 SentencePiece vocabulary only when
-# config.json's _name_or_path contains GLM3_ENGINE_MARK (docs/architecture.md section 8). A ChatGLM3-format config
-# without a Hub id that contains it is saved as GLM3_FORMAT_NAME: that names the format and, with its spaces, is no
-# Hub id, so nothing takes it for a base model.
+# config.json's _name_or_path contains GLM3_ENGINE_MARK (docs/architecture.md sections 1 and 8). A ChatGLM3-format
+# config without a Hub id that contains it is saved as GLM3_FORMAT_NAME: that names the format and, with its spaces,
+# is no Hub id, so nothing takes it for a base model.
 GLM3_ENGINE_MARK = "THUDM/chatglm3-6b"
 GLM3_FORMAT_NAME = GLM3_ENGINE_MARK + " tokenizer format"
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -218,7 +218,7 @@ class ChatGLMConfig(PretrainedConfig):
         return (eos[0] if isinstance(eos, (list, tuple)) and eos else eos) == 2
 
     def saved_name_or_path(self):
-        """The `_name_or_path` that config.json records, or None (docs/architecture.md section 8): the name the model
+        """The `_name_or_path` that config.json records, or None (docs/architecture.md section 1): the name the model
         was loaded from when that is a Hub id, except that a ChatGLM3-format config records GLM3_FORMAT_NAME unless
         its Hub id contains GLM3_ENGINE_MARK, so llama.cpp's converter always takes its SentencePiece vocabulary.
         A local path is never recorded.

@@ -348,7 +348,8 @@ def convert_checkpoint(src, dst, to: str) -> None:
 def adopt_code(src, dst) -> None:
     """Put this repository's code beside a THUDM checkpoint: weights and config keys unchanged, `auto_map` in
     config.json and tokenizer_config.json pointed at our files, `vocab_size` and our chat template added when
-    missing, `_name_or_path` as every saved config records it (llama.cpp reads them). `dst` may be `src` (only the JSON files change)."""
+    missing, `_name_or_path` as every saved config records it (llama.cpp reads them). `dst` may be `src` (only the
+    JSON files change)."""
     from configuration_glm import AUTO_MAP
     from local_glm import CODE_FILES, ROOT
 
