@@ -350,7 +350,8 @@ def convert_checkpoint(src, dst, to: str) -> None:
 def adopt_code(src, dst) -> None:
     """Put this repository's code beside a THUDM checkpoint: weights and config keys unchanged, `auto_map` in
     config.json and tokenizer_config.json pointed at our files, `vocab_size` and our chat template added when
-    missing (llama.cpp reads them). `dst` may be `src` (only the JSON files change)."""
+    missing, `_name_or_path` as every saved config records it (llama.cpp reads them). `dst` may be `src` (only the
+    JSON files change)."""
     from configuration_glm import AUTO_MAP
     from local_glm import CODE_FILES, ROOT
 
@@ -376,6 +377,11 @@ def adopt_code(src, dst) -> None:
     config["auto_map"] = dict(AUTO_MAP)
     # llama.cpp's converter reads vocab_size (outside its chatglm3-6b path); THUDM's glm-4 configs lack it.
     config.setdefault("vocab_size", config["padded_vocab_size"])
+    # What every saved config records (ChatGLMConfig.saved_name_or_path): llama.cpp reads ChatGLM3's vocabulary only
+    # under a name containing "THUDM/chatglm3-6b", which chatglm2-6b's own does not.
+    name = glm_config.saved_name_or_path()
+    if name:
+        config["_name_or_path"] = name
     (dst / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
     tokenizer_config = dst / "tokenizer_config.json"
     if tokenizer_config.exists():
@@ -391,6 +397,33 @@ def adopt_code(src, dst) -> None:
         tokenizer_config.write_text(json.dumps(values, indent=2, ensure_ascii=False) + "\n")
     for code in CODE_FILES:
         shutil.copy2(ROOT / code, dst / code)
+
+
+def llama_cpp_refusals(folder) -> list:
+    """Why llama.cpp's stock converter (convert_hf_to_gguf.py) would refuse `folder`, each reason with its fix, or []
+    (docs/engines.md). scripts/engines_check.py says them instead of running the converter, whose own errors name
+    remote code or a tokenizer rather than the cause. Not covered: a GLM-4 byte-level vocabulary other than the
+    published one, which only the converter's pre-tokenizer hash decides."""
+    folder = Path(folder)
+    if not (folder / "config.json").exists():
+        adapter = (folder / "adapter_config.json").exists()
+        return [f"{folder} has no config.json" + (": it is a LoRA adapter alone; convert the merged model "
+                                                  "(train.py --merge_lora, or peft's merge_and_unload() then "
+                                                  "save_pretrained)" if adapter else ": not a model folder")]
+    from configuration_glm import GLM3_ENGINE_MARK, ChatGLMConfig
+
+    values = json.loads((folder / "config.json").read_text())
+    config = ChatGLMConfig(**{k: v for k, v in values.items() if k not in ("auto_map", "architectures")})
+    reasons = []
+    if not (folder / "tokenizer.model").exists():
+        reasons.append(f"{folder} has no tokenizer.model, the vocabulary the converter reads: save the tokenizer "
+                       "beside the model (tokenizer.save_pretrained(folder))")
+    name = values.get("_name_or_path")
+    if config.is_glm3_format and GLM3_ENGINE_MARK not in str(name or ""):
+        reasons.append(f"{folder / 'config.json'}: _name_or_path {name!r} does not contain {GLM3_ENGINE_MARK!r}, so "
+                       "the converter would not read the ChatGLM3 SentencePiece vocabulary (a config written by "
+                       f"older code or by hand): run python convert_glm.py --to code {folder} {folder}")
+    return reasons
 
 
 def refuse_destination(parser, src: Path, dst: Path, to: str, overwrite: bool):

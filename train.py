@@ -189,9 +189,8 @@ def save(args, accelerator, checkpointer, net, tokenizer, rows, log, summary):
 
         accuracy, details = skills.report_skills(output_dir, rows.heldout)
         log({"step": summary["steps"], "heldout_exact_match": accuracy})
-        with open(output_dir / "README.md", "a") as f:
-            f.write(f"\nHeld-out exact match of greedy replies (questions never seen in training): "
-                    f"{accuracy:.1%} ({details}).\n")
+        publish.write_model_card(output_dir, facts, {**summary, "heldout_exact_match": accuracy,
+                                                     "heldout_details": details})  # the score in its model-index
     if args.push_to_hub:
         publish.push_to_hub(output_dir, args.hub_model_id or output_dir.name, token=args.hub_token,
                             private=args.hub_private)

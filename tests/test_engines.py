@@ -232,7 +232,7 @@ def glm4_folder(tmp_path_factory):
     tokenizer.save_pretrained(folder)
     from glm_train import publish
 
-    publish.write_engine_config(folder / "config.json", None, tokenizer)
+    publish.write_engine_config(folder / "config.json", tokenizer)
     assert json.loads((folder / "config.json").read_text())["eos_token_id"] == tokenizer.stop_token_ids  # GLM-4's
     import tiktoken
 
@@ -283,6 +283,43 @@ def test_glm4_folder_is_refused_by_the_pre_tokenizer_hash_and_otherwise_converts
     assert set(tensors) == {gguf_name(name) for name in weights}
     for name, value in weights.items():
         np.testing.assert_array_equal(np.asarray(tensors[gguf_name(name)].data).reshape(value.shape), value.numpy())
+
+
+def test_a_folder_llama_cpp_would_refuse_is_named_with_its_fix_first(resaved_folder, llama_cpp, tmp_path):
+    """A ChatGLM3 folder whose config.json lacks the name (written by older code) and one without tokenizer.model:
+    convert_glm.llama_cpp_refusals names each cause and its fix, engines_check says it instead of the converter's
+    own error (which is about remote code), and the fix it names makes the folder convert."""
+    import shutil
+
+    import convert_glm
+
+    old = tmp_path / "old"
+    shutil.copytree(resaved_folder, old)
+    config = json.loads((old / "config.json").read_text())
+    del config["_name_or_path"]
+    (old / "config.json").write_text(json.dumps(config))
+    (refusal,) = convert_glm.llama_cpp_refusals(old)
+    assert refusal.endswith(f"run python convert_glm.py --to code {old} {old}") and "_name_or_path None" in refusal
+    code, log = to_gguf(llama_cpp, old, tmp_path / "x.gguf")
+    assert code != 0 and "trust_remote_code=True" in log  # what the converter alone says
+    if (ENGINES["llama.cpp"] / ".complete").exists():
+        code, out, lines = run_engines_check(old, "--engines", "llama.cpp")
+        assert code == 1 and lines == [f"DIFF llama.cpp converts the folder: {refusal}"], out[-3000:]
+
+    subprocess.run([sys.executable, str(ROOT / "convert_glm.py"), "--to", "code", str(old), str(old)], check=True,
+                   capture_output=True, timeout=300, env=ENV)
+    assert convert_glm.llama_cpp_refusals(old) == []
+    code, log = to_gguf(llama_cpp, old, tmp_path / "model.gguf")
+    assert code == 0, log[-3000:]
+    check_gguf(tmp_path / "model.gguf", old, tg.ChatGLMTokenizer.from_pretrained(old))
+
+    (old / "tokenizer.model").unlink()
+    assert convert_glm.llama_cpp_refusals(old) == [f"{old} has no tokenizer.model, the vocabulary the converter "
+                                                   "reads: save the tokenizer beside the model "
+                                                   "(tokenizer.save_pretrained(folder))"]
+    (old / "adapter_config.json").write_text("{}")
+    (old / "config.json").unlink()
+    assert "a LoRA adapter alone; convert the merged model" in convert_glm.llama_cpp_refusals(old)[0]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -382,7 +419,7 @@ def save_replay_folder(folder, tokenizer, padded_vocab_size):
                                                                   eos_token_id=tokenizer.stop_token_ids), 300, 0.01)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    publish.write_engine_config(folder / "config.json", None, tokenizer)
+    publish.write_engine_config(folder / "config.json", tokenizer)
     loaded = glm.ChatGLMForConditionalGeneration.from_pretrained(folder).eval()
     for conversation in conversations:  # the premise: real replies, ended by the model itself
         *history, query, reply, _ = conversation
@@ -433,6 +470,88 @@ def need_engines():
     if missing:
         pytest.skip(f"{', '.join(missing)} not built in {ENGINE_CACHE}: bash scripts/install_engines.sh "
                     "(about 7 + 4.5 minutes once)")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Folders users make without train.py: save_pretrained, TRL's SFTTrainer, peft's merge_and_unload. Each starts from
+# the THUDM-format folder loaded from its local path (whose config.json transformers would save without any
+# _name_or_path); ChatGLMConfig's own serialisation makes them convertible.
+
+
+def user_loaded(folder):
+    """The model and tokenizer as a user loads a local folder: Auto classes with trust_remote_code."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return (AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32),
+            AutoTokenizer.from_pretrained(folder, trust_remote_code=True))
+
+
+@pytest.fixture(scope="module")
+def resaved_folder(thudm_folder, tmp_path_factory):
+    """save_pretrained of the model and tokenizer loaded from the local THUDM-format folder."""
+    out = tmp_path_factory.mktemp("resaved") / "out"
+    model, tokenizer = user_loaded(thudm_folder)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def trl_folder(thudm_folder, chats, tmp_path_factory):
+    """TRL SFTTrainer's output (trainer.save_model) after two steps on chat rows, from the local THUDM folder."""
+    import datasets
+    from trl import SFTConfig, SFTTrainer
+
+    out = tmp_path_factory.mktemp("trl") / "out"
+    model, tokenizer = user_loaded(thudm_folder)
+    conversations = [json.loads(line)["conversations"] for line in chats.read_text().splitlines()]
+    rows = [{"messages": c} for c in conversations if {m["role"] for m in c} == {"user", "assistant"}][:8]
+    args = SFTConfig(output_dir=str(out), max_steps=2, per_device_train_batch_size=4, learning_rate=1e-2,
+                     report_to="none", save_strategy="no", use_cpu=True, bf16=False, dataloader_num_workers=0,
+                     max_length=64)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
+                         processing_class=tokenizer)
+    trainer.train()
+    trainer.save_model(str(out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def peft_merged_folder(thudm_folder, tmp_path_factory):
+    """peft's merge_and_unload() of a LoRA on the local THUDM folder (B initialised non-zero, so the merge changes
+    every query_key_value weight), saved with save_pretrained."""
+    from peft import LoraConfig, get_peft_model
+
+    out = tmp_path_factory.mktemp("peft") / "out"
+    model, tokenizer = user_loaded(thudm_folder)
+    before = model.transformer.encoder.layers[0].self_attention.query_key_value.weight.clone()
+    torch.manual_seed(0)
+    lora = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["query_key_value"],
+                                            init_lora_weights=False))
+    merged = lora.merge_and_unload()
+    assert not torch.equal(merged.transformer.encoder.layers[0].self_attention.query_key_value.weight, before)
+    merged.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+USER_KINDS = ["resaved_folder", "trl_folder", "peft_merged_folder"]
+
+
+@pytest.mark.parametrize("kind", USER_KINDS)
+def test_llama_cpp_runs_folders_users_save_like_our_model(kind, request):
+    """The stock converter takes each folder's ChatGLM3 SentencePiece vocabulary without the user editing
+    config.json, and llama.cpp (llama-cpp-python 0.3.36) gives our prompt ids and 20 greedy tokens for plain
+    prompts and chats (scripts/engines_check.py --engines llama.cpp: an OK line per comparison)."""
+    need_engines()
+    folder = request.getfixturevalue(kind)
+    config = json.loads((folder / "config.json").read_text())
+    assert config["_name_or_path"] == glm.configuration.GLM3_FORMAT_NAME  # loaded from a local path: the format
+    assert str(folder.parent) not in json.dumps(config)  # no local path
+    code, out, lines = run_engines_check(folder, "--engines", "llama.cpp")
+    # 3 plain prompts x (ids, greedy), the template pick, stop ids, 4 chats x 5
+    assert code == 0 and len(lines) == 28 and all(line.startswith("OK ") for line in lines), out[-5000:]
+    assert sum("greedy" in line for line in lines) == 7
 
 
 @pytest.mark.parametrize("kind", ["thudm_folder", "finetune_folder", "scratch_folder", "replay_folder"])

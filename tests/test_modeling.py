@@ -313,6 +313,31 @@ def test_published_configs_load_and_save_back_with_original_keys(name, tmp_path)
     assert config.rope_ratio == original.get("rope_ratio", 1)
 
 
+@pytest.mark.parametrize("loaded_from, eos, saved", [
+    ("", 2, "THUDM/chatglm3-6b tokenizer format"),  # built in memory (from scratch)
+    ("THUDM/chatglm3-6b", 2, "THUDM/chatglm3-6b"),  # the Hub id llama.cpp looks for: kept
+    ("THUDM/chatglm3-6b-32k", [2, 64795, 64797], "THUDM/chatglm3-6b-32k"),
+    ("THUDM/chatglm2-6b", 2, "THUDM/chatglm3-6b tokenizer format"),  # ChatGLM3 format, another Hub id
+    ("LOCAL", 2, "THUDM/chatglm3-6b tokenizer format"),  # a local folder: never its path
+    ("THUDM/glm-4-9b-chat", [151329, 151336, 151338], "THUDM/glm-4-9b-chat"),  # GLM-4: its Hub id, as before
+    ("LOCAL", [151329, 151336, 151338], None),
+])
+def test_saved_config_names_what_llama_cpp_reads(loaded_from, eos, saved, tmp_path):
+    """transformers (4.57 and 5.x) drops _name_or_path from a saved config.json; ours records the name llama.cpp's
+    converter chooses ChatGLM3's SentencePiece vocabulary by (docs/architecture.md section 8), on every save."""
+    local = tmp_path / "some" / "THUDM" / "chatglm3-6b"  # a local path, even one that contains the string
+    local.mkdir(parents=True)
+    config = glm.ChatGLMConfig(eos_token_id=eos, name_or_path=str(local) if loaded_from == "LOCAL" else loaded_from)
+    config.save_pretrained(tmp_path / "saved")
+    written = json.loads((tmp_path / "saved" / "config.json").read_text())
+    assert written.get("_name_or_path") == saved
+    assert str(tmp_path) not in json.dumps(written)
+    assert config.to_dict()["_name_or_path"] == config.name_or_path  # in memory unchanged (TRL reads it)
+    again = glm.ChatGLMConfig.from_pretrained(tmp_path / "saved")
+    again.save_pretrained(tmp_path / "again")  # saved again: the same name
+    assert json.loads((tmp_path / "again" / "config.json").read_text()).get("_name_or_path") == saved
+
+
 def test_chatglm3_6b_on_meta_has_published_keys_shapes_and_size():
     index = json.loads(reference_file("chatglm3-6b", "pytorch_model.bin.index.json").read_text())
     config = glm.ChatGLMConfig(**json.loads(reference_file("chatglm3-6b", "config.json").read_text()))
