@@ -21,6 +21,11 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures" / "reference"
 SHIPPED = {("chatglm3-6b", "tokenizer.model"): ROOT / "tokenizer.model"}
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "real_width: builds a chatglm3-6b-width folder (about 1.9 GB, a minute); CI "
+                                       "runs these once, in the current-transformers leg")
+
+
 def reference_file(*parts) -> Path:
     """A file of the reference artifacts (GLM_REFERENCE_DIR or ../shared/reference, else the copy under
     tests/fixtures), or skip the test saying where it was looked for."""
