@@ -8,8 +8,8 @@ The weight mapping lives here once; the tests and benchmarks import it.
 
 --to native and --to glm go tensor by tensor: one source shard open and one output tensor made at a time, so a
 conversion needs the memory of the largest source shard, not of the model (at chatglm3-6b's width with 615 MiB
-shards: 640 MiB above the imports, where the whole model is 1794 MiB; tests/test_convert.py measures it). The files written are those that
-save_pretrained writes for the whole state dict, byte for byte.
+shards: 640 MiB above the imports, where the whole model is 1794 MiB; tests/test_convert.py measures it). The
+files written are those that save_pretrained writes for the whole state dict, byte for byte.
 
 The native model computes the same function (docs/architecture.md section 3): split q/k/v projections instead of the
 fused query_key_value, the same gate-then-up fused MLP, partial_rotary_factor 0.5 and rope_theta = 10000 * rope_ratio.

@@ -161,7 +161,8 @@ def _todays_conversion(src, dst, to, max_shard_size):
 
 
 def _weight_files(folder):
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.name.startswith("model") and ".safetensors" in p.name}
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())
+            if p.name.startswith("model") and ".safetensors" in p.name}
 
 
 @pytest.mark.parametrize("source_format", ["safetensors", "bin"])
@@ -195,18 +196,8 @@ def test_streamed_conversion_writes_the_files_the_whole_state_dict_gave(tmp_path
     assert dtypes == {torch.float16, torch.float32}
 
 
-# chatglm3-6b's real width, 2 of its 28 layers, in THUDM's .bin shards (about 1.9 GB): built once per session.
-REAL_WIDTH_SHARD = 700 * 10**6
 CONVERSION_MARGIN = 350 * 2**20  # above the largest shard: one output tensor (a 533 MB embedding is written
 # straight from the mapped shard), the qkv split's copies (38 MB), the tokenizer's conversion
-
-
-@pytest.fixture(scope="session")
-def real_width_folder(tmp_path_factory):
-    from benchmarks.thudm_folder import build_thudm_folder
-
-    return build_thudm_folder(tmp_path_factory.mktemp("real-width") / "chatglm3-2l", num_layers=2,
-                              max_shard_size=REAL_WIDTH_SHARD)
 
 
 def _convert_in_a_process(args):
