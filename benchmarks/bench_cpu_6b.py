@@ -7,7 +7,8 @@
 For each layer count it builds a THUDM-format folder (benchmarks/thudm_folder.py: random fp16 weights in 2 GB .bin
 shards with their index, hidden 4096, ffn 13696, vocab 65024, 2 K/V groups), `convert_glm.py --to code` in place,
 `--to native` beside it, and llama.cpp GGUFs (its convert_hf_to_gguf.py to f16, then llama.cpp's own quantizer to
-q8_0 and q4_0, through the cached llama-cpp-python). Then each route runs alone in a fresh process:
+q8_0 and q4_0: scripts/quantize_gguf.py, through the cached llama-cpp-python). Then each route runs alone in a
+fresh process:
 
   ours-<dtype>     AutoModelForCausalLM with our code, dtype fp32, bf16 or fp16 (fp16 is what dtype="auto" gives)
   ours-int8/int4   the same in bf16 with transformers' TorchAoConfig (weight-only int8 / int4 applied while loading)
@@ -39,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench_model import _proc_status as proc_status  # noqa: E402
+from benchmarks.bench_quantize import weight_bytes  # noqa: E402
 from benchmarks.thudm_folder import build_thudm_folder  # noqa: E402
 
 LAYERS_6B = 28
@@ -103,40 +105,21 @@ def prepare(workdir: Path, layers: int, routes):
         for kind in ("q8_0", "q4_0"):
             target = workdir / f"chatglm3-{layers}l-{kind}.gguf"
             if not target.exists():
-                run([sys.executable, __file__, "--quantize-gguf", str(f16), str(target), kind])
+                run([sys.executable, str(ROOT / "scripts" / "quantize_gguf.py"), str(f16), str(target), kind],
+                    pythonpath=ENGINE)
             ggufs[kind] = target
     return folder, native, ggufs
 
 
-def run(command):
-    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+def run(command, pythonpath=None):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **({"PYTHONPATH": str(pythonpath)} if pythonpath else {})}
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
     if result.returncode != 0:
         raise SystemExit(f"{' '.join(map(str, command))} failed:\n{(result.stdout + result.stderr)[-3000:]}")
     return result.stdout
 
 
-def quantize_gguf(source, target, kind):
-    """llama.cpp's own quantizer (llama_model_quantize, as llama-quantize runs it) through llama-cpp-python."""
-    sys.path.insert(0, str(ENGINE))
-    import llama_cpp
-
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = {"q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, "q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0}[kind]
-    params.nthread = torch.get_num_threads()
-    code = llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), params)
-    if code != 0:
-        raise SystemExit(f"llama_model_quantize {source} -> {kind} returned {code}")
-
-
 # ---------------------------------------------------------------- one route, in its own process
-
-
-def weight_bytes(tensor) -> int:
-    """Storage of a weight, summing the inner tensors of a torchao quantized tensor."""
-    names = getattr(tensor, "tensor_data_names", None)
-    if names:
-        return sum(weight_bytes(getattr(tensor, name)) for name in names)
-    return tensor.numel() * tensor.element_size()
 
 
 def child_transformers(route, folder, native_folder, prompt_len, new_tokens):
@@ -389,7 +372,5 @@ if __name__ == "__main__":
         else:
             result = child_transformers(route, folder, native, int(prompt), int(new))
         print(json.dumps(result))
-    elif sys.argv[1:2] == ["--quantize-gguf"]:
-        quantize_gguf(*sys.argv[2:5])
     else:
         main()

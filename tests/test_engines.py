@@ -474,16 +474,18 @@ def test_chatglm_cpp_runs_glm4_folders_like_our_model(glm4_folder, glm4_replay_f
     assert sum(line.startswith("OK  chatglm.cpp") for line in lines) == 16, out[-3000:]
 
 
-def test_docs_llama_cpp_python_chat_snippet(replay_folder, llama_cpp, tmp_path):
-    """docs/engines.md's create_chat_completion snippet, run as printed on a GGUF of the replay folder: the reply is
-    the trained one, ended at <|user|> by the stop ids it gives the handler."""
+@pytest.mark.parametrize("document", ["docs/engines.md", "README.md"])
+def test_docs_llama_cpp_python_chat_snippet(replay_folder, llama_cpp, tmp_path, document):
+    """docs/engines.md's create_chat_completion snippet, and the README's CPU chat, run as printed on a GGUF of the
+    replay folder (under the file name the snippet opens): the reply is the trained one, ended at <|user|> by the
+    stop ids it gives the handler."""
     import re
 
     need_engines()
-    (snippet,) = [block for block in re.findall(r"```python\n(.*?)```", (ROOT / "docs" / "engines.md").read_text(),
-                                                re.S) if "create_chat_completion" in block]
+    (snippet,) = [block for block in re.findall(r"```python\n(.*?)```", (ROOT / document).read_text(), re.S)
+                  if "create_chat_completion" in block]
     snippet = "\n".join(line.removeprefix("  ") for line in snippet.splitlines())  # it sits in a list item
-    code, log = to_gguf(llama_cpp, replay_folder, tmp_path / "glm.gguf")
+    code, log = to_gguf(llama_cpp, replay_folder, tmp_path / re.search(r'Llama\("([^"]+)"', snippet).group(1))
     assert code == 0, log[-2000:]
     result = subprocess.run([sys.executable, "-c", snippet + "\nprint(repr(reply))"], cwd=tmp_path, text=True,
                             capture_output=True, timeout=300, env={**ENV, "PYTHONPATH": str(ENGINES["llama.cpp"])})
@@ -587,7 +589,7 @@ print(json.dumps(tokens))
 @pytest.mark.real_width
 def test_cpu_chat_route_through_llama_cpp_at_real_width(real_width_folder, llama_cpp, tmp_path):
     """The README's CPU route on a chatglm3-6b-width THUDM folder (2 layers): `convert_glm.py --to code`,
-    llama.cpp's converter to an f16 GGUF, llama.cpp's quantizer to q8_0 and q4_0 (benchmarks/bench_cpu_6b.py).
+    llama.cpp's converter to an f16 GGUF, llama.cpp's quantizer to q8_0 and q4_0 (scripts/quantize_gguf.py).
     f16 holds the checkpoint's own fp16 weights, so it is lossless: the same greedy tokens as our float32 model on a
     short chat prompt, logits within 0.02. q8_0 and q4_0 are not: their logits keep the agreement docs/performance.md
     states (random weights leave top-1 margins too thin for token agreement, so that is stated on the logits)."""
@@ -604,9 +606,9 @@ def test_cpu_chat_route_through_llama_cpp_at_real_width(real_width_folder, llama
     code, log = to_gguf(llama_cpp, folder, f16, outtype="f16")
     assert code == 0, log[-2000:]
     for kind in ("q8_0", "q4_0"):
-        result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_cpu_6b.py"), "--quantize-gguf",
-                                 str(f16), str(tmp_path / f"{kind}.gguf"), kind], capture_output=True, text=True,
-                                env=ENV, timeout=600)
+        result = subprocess.run([sys.executable, str(ROOT / "scripts" / "quantize_gguf.py"), str(f16),
+                                 str(tmp_path / f"{kind}.gguf"), kind], capture_output=True, text=True, timeout=600,
+                                env={**ENV, "PYTHONPATH": str(ENGINES["llama.cpp"])})
         assert result.returncode == 0, result.stderr[-2000:]
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
