@@ -39,7 +39,7 @@ logger = logging.get_logger(__name__)
 # (28 layers extrapolated from 2 and 4) on a 2-core AVX2 CPU.
 HALF_ON_CPU = (
     "GLM runs in {dtype} on the CPU. Without {dtype} matrix units (AVX2 and most AVX-512 CPUs) a prompt is processed "
-    "3-4x slower than in float32, though each new token decodes about 1.4x faster (half the bytes to read). "
+    "2.6-3.5x slower than in float32, though each new token decodes 1.3-1.4x faster (half the bytes to read). "
     "dtype=torch.float32 is the faster dtype for prompts if memory allows (2x the fp16 checkpoint, 25 GB for "
     "chatglm3-6b); on a 16 GB machine the fastest measured route is llama.cpp with a q4_0 GGUF: 4x faster decoding "
     "and 6x faster prompts than float16 in 3.6 GiB (README, 'On a CPU'; docs/performance.md)."
