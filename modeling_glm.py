@@ -29,11 +29,23 @@ from transformers.modeling_outputs import (
 )
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils import logging
 
 from .chat_glm import ChatMixin
 from .compat_glm import CACHE_FIELD, cache_of, causal_mask, pop_cache_position
 from .configuration_glm import ChatGLMConfig
 from .quantization_glm import quantize
+
+logger = logging.get_logger(__name__)
+# Said once per model when it runs in fp16/bf16 on a CPU: what docs/performance.md measured at chatglm3-6b's width
+# (28 layers extrapolated from 2 and 4) on a 2-core AVX2 CPU.
+HALF_ON_CPU = (
+    "GLM runs in {dtype} on the CPU. Without {dtype} matrix units (AVX2 and most AVX-512 CPUs) a prompt is processed "
+    "2.6-3.5x slower than in float32, though each new token decodes 1.3-1.4x faster (half the bytes to read). "
+    "dtype=torch.float32 is the faster dtype for prompts if memory allows (2x the fp16 checkpoint, 25 GB for "
+    "chatglm3-6b); on a 16 GB machine the fastest measured route is llama.cpp with a q4_0 GGUF: 4x faster decoding "
+    "and 6x faster prompts than float16 in 3.6 GiB (README, 'On a CPU'; docs/performance.md)."
+)
 
 
 def _tracing() -> bool:
@@ -496,6 +508,14 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embedding.word_embeddings = value
 
+    def _say_if_half_on_cpu(self, hidden_states):
+        """No silent fp16 on a CPU: dtype="auto" loads the checkpoint's fp16, and the first forward says, once per
+        model, which dtype is faster there."""
+        half = hidden_states.dtype in (torch.float16, torch.bfloat16)
+        if half and hidden_states.device.type == "cpu" and not _tracing() and not getattr(self, "_said_half", False):
+            self._said_half = True
+            logger.warning(HALF_ON_CPU.format(dtype=str(hidden_states.dtype).removeprefix("torch.")))
+
     def get_prompt(self, batch_size: int, device, dtype):
         """The P-tuning v2 prefix as per-layer (key, value) pairs [batch, kv_heads, pre_seq_len, kv_channels]."""
         config = self.config
@@ -534,6 +554,7 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
 
         if inputs_embeds is None:
             inputs_embeds = self.embedding(input_ids)
+        self._say_if_half_on_cpu(inputs_embeds)
         created_cache = use_cache and cache is None
         if created_cache:
             cache = DynamicCache()

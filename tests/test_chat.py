@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 
@@ -554,3 +555,50 @@ def test_abandoned_stream_stops_while_still_referenced():
     threads = threading.active_count()
     stream.close()  # ends generate() and its thread
     assert threading.active_count() == threads - 1
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantization_while_loading_equals_quantize(trained_model, bits, tmp_path):
+    """transformers' TorchAoConfig with quantization_glm.torchao_config quantizes our remote-code model while it
+    loads (full precision is never held whole): the same block matrices as model.quantize(bits) on a bf16 load, the
+    same logits, the output layer and embeddings untouched."""
+    import_extra("torchao")
+    import convert_glm
+
+    model, held_out = trained_model
+    model.save_pretrained(tmp_path / "full")
+    convert_glm.adopt_code(tmp_path / "full", tmp_path / "full")
+    torch.save(held_out, tmp_path / "held_out.pt")
+    # A fresh process with torchao importable from the start, as a user's: transformers decides at import time.
+    script = textwrap.dedent(f"""
+        import json, sys
+        import torch
+        from transformers import AutoModelForCausalLM, TorchAoConfig
+        sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / "benchmarks")!r}]
+        from bench_quantize import weight_bytes
+        from quantization_glm import torchao_config
+        path, held_out = {str(tmp_path / "full")!r}, torch.load({str(tmp_path / "held_out.pt")!r})
+        plain = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=torch.bfloat16).eval()
+        full = sum(weight_bytes(m.weight) for n, m in plain.named_modules() if "encoder.layers" in n and
+                   isinstance(m, torch.nn.Linear))
+        quantized = plain.quantize({bits})
+        config = TorchAoConfig(torchao_config({bits}))
+        loaded = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=torch.bfloat16,
+                                                      quantization_config=config).eval()
+        def sizes(model):
+            return [weight_bytes(m.weight) for n, m in model.named_modules() if hasattr(m, "weight")]
+        with torch.no_grad():
+            same = torch.equal(loaded(held_out).logits, quantized(held_out).logits)
+        blocks = sum(weight_bytes(m.weight) for n, m in loaded.named_modules() if "encoder.layers" in n and
+                     isinstance(m, torch.nn.Linear))
+        print(json.dumps({{"same_logits": same, "same_sizes": sizes(loaded) == sizes(quantized),
+                          "factor": full / blocks,
+                          "output_layer": type(loaded.transformer.output_layer.weight).__name__}}))
+    """)
+    extras = os.environ.get("GLM_EXTRAS", "")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": extras, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads(result.stdout.splitlines()[-1])
+    assert figures["same_logits"] and figures["same_sizes"], figures
+    assert figures["factor"] >= (1.9 if bits == 8 else 3.7) and figures["output_layer"] == "Parameter", figures

@@ -1,5 +1,6 @@
 """The GLM model against the original code's golden outputs, transformers' native GlmForCausalLM and the spec."""
 
+import copy
 import json
 import os
 import re
@@ -713,3 +714,31 @@ def test_checkpoint_with_fewer_layers_than_config_is_refused(workspace, tmp_path
     model = glm.ChatGLMForConditionalGeneration.from_pretrained(ok, pre_seq_len=3)
     assert model.transformer.prefix_encoder is not None
     assert glm.ChatGLMForSequenceClassification.from_pretrained(ok, num_labels=2).classifier_head.out_features == 2
+
+
+def test_half_precision_on_a_cpu_says_once_which_dtype_is_faster():
+    """dtype="auto" gives a published checkpoint's fp16; on a CPU the first forward of an fp16 or bf16 model says
+    (once per model) that float32 or llama.cpp is faster there; float32 says nothing."""
+    import logging
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    modeling.logger.addHandler(handler)
+    try:
+        torch.manual_seed(0)
+        model = glm.ChatGLMForConditionalGeneration(tiny_config()).eval()
+        ids = torch.randint(3, 128, (1, 5))
+        with torch.no_grad():
+            model(ids)
+            assert records == []
+            for dtype, name in ((torch.float16, "float16"), (torch.bfloat16, "bfloat16")):
+                half = copy.deepcopy(model).to(dtype)
+                half(ids)
+                half.generate(ids, max_new_tokens=2, do_sample=False)
+                said = [record.getMessage() for record in records]
+                assert len(said) == 1 and said[0].startswith(f"GLM runs in {name} on the CPU"), said
+                assert "dtype=torch.float32" in said[0] and "llama.cpp" in said[0]
+                records.clear()
+    finally:
+        modeling.logger.removeHandler(handler)
