@@ -34,6 +34,22 @@ def describe_tool_call(call: dict) -> str:
     return f"[tool call] {call['name']}({json.dumps(call['parameters'], ensure_ascii=False)})"
 
 
+def read_tools(parser, path):
+    """The --tools file's list of tool descriptions, or a parser error naming the file (and line and column)."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            tools = json.load(file)
+    except OSError as error:
+        parser.error(f"--tools {path}: {error.strerror}")
+    except UnicodeDecodeError as error:
+        parser.error(f"--tools {path}: not UTF-8 ({error.reason} at byte {error.start})")
+    except json.JSONDecodeError as error:
+        parser.error(f"--tools {path} line {error.lineno} column {error.colno}: malformed JSON: {error.msg}")
+    if not isinstance(tools, list):
+        parser.error(f"--tools {path}: expected a JSON list of tool descriptions, got a {type(tools).__name__}")
+    return tools
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("path", help="model folder (config, weights, tokenizer and code files)")
@@ -42,23 +58,28 @@ def main(argv=None):
     parser.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
     parser.add_argument("--temperature", type=float, default=0.8)
     parser.add_argument("--top-p", type=float, default=0.8)
-    parser.add_argument("--max-length", type=int, default=8192, help="most tokens in the conversation")
+    parser.add_argument("--max-length", type=int, help="most tokens in the conversation (default: the model's "
+                        "context, seq_length in config.json)")
     parser.add_argument("--quantize", type=int, choices=(4, 8), help="weight-only int4/int8 (model.quantize)")
     args = parser.parse_args(argv)
 
+    tools = read_tools(parser, args.tools) if args.tools else None
     tokenizer = AutoTokenizer.from_pretrained(args.path, trust_remote_code=True)
+    start = []
+    if args.tools or args.system:
+        start = [{"role": "system", "content": args.system if args.system is not None else TOOLS_SYSTEM}]
+    if tools is not None:
+        start[0]["tools"] = tools
+        try:  # the tokenizer's own check of the format, before the model loads
+            tokenizer.build_chat_input("", history=start)
+        except ValueError as error:
+            parser.error(f"--tools {args.tools}: {error}")
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
     model = AutoModelForCausalLM.from_pretrained(args.path, trust_remote_code=True, dtype=dtype).eval()
     if torch.cuda.is_available():
         model = model.cuda()
     if args.quantize:
         model.quantize(args.quantize)
-    start = []
-    if args.tools or args.system:
-        start = [{"role": "system", "content": args.system if args.system is not None else TOOLS_SYSTEM}]
-    if args.tools:
-        with open(args.tools, encoding="utf-8") as file:
-            start[0]["tools"] = json.load(file)
     sampling = dict(do_sample=not args.greedy, top_p=args.top_p, temperature=args.temperature,
                     max_length=args.max_length)
 

@@ -17,6 +17,7 @@ import json
 import queue
 import re
 import threading
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -264,21 +265,34 @@ class ChatMixin:
         input_ids = input_ids.to(self.device)
         return input_ids, torch.ones_like(input_ids)
 
-    def _chat_generate_kwargs(self, tokenizer, max_length, do_sample, top_p, temperature, generate_kwargs):
+    def _chat_generate_kwargs(self, tokenizer, prompt_length, max_length, do_sample, top_p, temperature,
+                              generate_kwargs):
+        """generate()'s arguments. `max_length` (prompt + reply) defaults to the model's context, seq_length; a
+        prompt that leaves no room for a reply is refused, and one longer than the context gets a warning."""
+        context = getattr(self.config, "seq_length", None)
         kwargs = dict(do_sample=do_sample, eos_token_id=list(tokenizer.stop_token_ids),
                       pad_token_id=tokenizer.pad_token_id)
         if do_sample:
             kwargs.update(top_p=top_p, temperature=temperature)
         if "max_new_tokens" not in generate_kwargs:
-            kwargs["max_length"] = max_length
+            kwargs["max_length"] = max_length = max_length or context
+            if max_length is not None and prompt_length >= max_length:
+                raise ValueError(f"the prompt (query and history) is {prompt_length} tokens, which leaves no room for "
+                                 f"a reply within max_length={max_length}"
+                                 f"{' (the model context, seq_length)' if max_length == context else ''}: shorten "
+                                 "the query or the history, or pass a larger max_length or max_new_tokens")
+        elif context is not None and prompt_length > context:
+            warnings.warn(f"the prompt is {prompt_length} tokens, longer than the model's context (seq_length "
+                          f"{context}); replies past it are not what the model was trained for", stacklevel=3)
         kwargs.update(generate_kwargs)
         return kwargs
 
-    def chat(self, tokenizer, query: str, history=None, role: str = "user", max_length: int = 8192,
+    def chat(self, tokenizer, query: str, history=None, role: str = "user", max_length: Optional[int] = None,
              do_sample: bool = True, top_p: float = 0.8, temperature: float = 0.8, **generate_kwargs):
         """One turn: (response, history). `response` is the reply text, or a dict for a tool call or another
         channel (see `process_response`); `history` is a new list: the old one, the query as a `role` message,
-        then the assistant message(s). Generation stops at any of `tokenizer.stop_token_ids`.
+        then the assistant message(s). Generation stops at any of `tokenizer.stop_token_ids`, or at `max_length`
+        tokens of prompt and reply (default: the model's context, `config.seq_length`).
 
         Extra keyword arguments go to `generate()` (e.g. `max_new_tokens`, `logits_processor`, `num_beams`).
 
@@ -288,7 +302,8 @@ class ChatMixin:
         """
         history = list(history or [])
         input_ids, attention_mask = self._chat_prompt(tokenizer, query, history, role, None)
-        kwargs = self._chat_generate_kwargs(tokenizer, max_length, do_sample, top_p, temperature, generate_kwargs)
+        kwargs = self._chat_generate_kwargs(tokenizer, input_ids.shape[1], max_length, do_sample, top_p, temperature,
+                                            generate_kwargs)
         output = self.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         decoder = _ReplyDecoder(tokenizer)
         decoder.feed(output[0, input_ids.shape[1]:].tolist())
@@ -296,7 +311,8 @@ class ChatMixin:
         return process_response(decoder.messages, history + [{"role": role, "content": query}])
 
     def stream_chat(self, tokenizer, query: str, history=None, role: str = "user",
-                    past_key_values: Optional[ChatCache] = None, max_length: int = 8192, do_sample: bool = True,
+                    past_key_values: Optional[ChatCache] = None, max_length: Optional[int] = None,
+                    do_sample: bool = True,
                     top_p: float = 0.8, temperature: float = 0.8, return_past_key_values: bool = False,
                     **generate_kwargs):
         """Like `chat`, but yields (response_so_far, history) as the reply grows; the text never ends inside a
@@ -318,7 +334,8 @@ class ChatMixin:
         """
         history = list(history or []) + [{"role": role, "content": query}]
         input_ids, attention_mask = self._chat_prompt(tokenizer, query, history[:-1], role, past_key_values)
-        kwargs = self._chat_generate_kwargs(tokenizer, max_length, do_sample, top_p, temperature, generate_kwargs)
+        kwargs = self._chat_generate_kwargs(tokenizer, input_ids.shape[1], max_length, do_sample, top_p, temperature,
+                                            generate_kwargs)
         cache = past_key_values.cache if past_key_values is not None else None
         if cache is None and return_past_key_values:
             cache = DynamicCache()

@@ -12,6 +12,9 @@ Example:
     (2, 2, 1000)
 """
 
+import os
+import re
+
 from transformers import PretrainedConfig
 
 # Attention backends our modeling code can dispatch to; others registered with transformers'
@@ -26,6 +29,23 @@ AUTO_MAP = {
     "AutoModelForSeq2SeqLM": "modeling_glm.ChatGLMForConditionalGeneration",
     "AutoModelForSequenceClassification": "modeling_glm.ChatGLMForSequenceClassification",
 }
+
+# llama.cpp's converter (convert_hf_to_gguf.py, ChatGLMModel) reads a ChatGLM2/3 SentencePiece vocabulary only when
+# config.json's _name_or_path contains GLM3_ENGINE_MARK (docs/architecture.md sections 1 and 8). A ChatGLM3-format
+# config without a Hub id that contains it is saved as GLM3_FORMAT_NAME: that names the format and, with its spaces,
+# is no Hub id, so nothing takes it for a base model.
+GLM3_ENGINE_MARK = "THUDM/chatglm3-6b"
+GLM3_FORMAT_NAME = GLM3_ENGINE_MARK + " tokenizer format"
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def is_hub_id(name) -> bool:
+    """Whether `name` is a Hub repository id ("org/name") rather than a local path or anything else.
+
+    >>> is_hub_id("THUDM/chatglm3-6b"), is_hub_id("/models/chatglm3-6b"), is_hub_id(GLM3_FORMAT_NAME)
+    (True, False, False)
+    """
+    return isinstance(name, str) and bool(_HUB_ID.fullmatch(name)) and not os.path.exists(name)
 
 
 # THUDM/chatglm3-6b's values of the keys that have a standard alias (the other defaults are in __init__).
@@ -188,6 +208,42 @@ class ChatGLMConfig(PretrainedConfig):
                     f"ChatGLMConfig.attn_implementation {attn_implementation!r} is unknown; "
                     f"use one of {sorted(known)}"
                 )
+
+    @property
+    def is_glm3_format(self) -> bool:
+        """Whether the vocabulary is ChatGLM2/3's SentencePiece one, whose `</s>` is id 2: eos (or the first of a stop
+        list) is 2. GLM-4's eos is `<|endoftext|>`, after its byte-level ranks (151329 in the published vocabulary),
+        never 2."""
+        eos = self.eos_token_id
+        return (eos[0] if isinstance(eos, (list, tuple)) and eos else eos) == 2
+
+    def saved_name_or_path(self):
+        """The `_name_or_path` that config.json records, or None (docs/architecture.md section 1): the name the model
+        was loaded from when that is a Hub id, except that a ChatGLM3-format config records GLM3_FORMAT_NAME unless
+        its Hub id contains GLM3_ENGINE_MARK, so llama.cpp's converter always takes its SentencePiece vocabulary.
+        A local path is never recorded.
+
+        >>> config = ChatGLMConfig(name_or_path="/home/me/chatglm3-6b")
+        >>> config.saved_name_or_path()
+        'THUDM/chatglm3-6b tokenizer format'
+        >>> ChatGLMConfig(name_or_path="THUDM/chatglm3-6b-32k").saved_name_or_path()
+        'THUDM/chatglm3-6b-32k'
+        """
+        name = self.name_or_path if is_hub_id(self.name_or_path) else None
+        if self.is_glm3_format and GLM3_ENGINE_MARK not in (name or ""):
+            return GLM3_FORMAT_NAME
+        return name
+
+    def to_diff_dict(self):
+        """What `save_pretrained` writes (transformers 4.57 and 5.x both save through this): transformers' own diff,
+        from which it drops `_name_or_path`, with `_name_or_path` set to `saved_name_or_path()`. Every path that
+        saves a config (save_pretrained of a model, Trainer and TRL output, peft's merged model, train.py,
+        convert_glm.py) goes through here."""
+        output = super().to_diff_dict()
+        name = self.saved_name_or_path()
+        if name:
+            output["_name_or_path"] = name
+        return output
 
     def to_dict(self):
         """The config as a dict: the original keys, the standard names beside them (`num_hidden_layers`,

@@ -6,12 +6,18 @@ The weight mapping lives here once; the tests and benchmarks import it.
     python convert_glm.py --to glm path/to/glm-native path/to/glm-remote-code             # back again
     python convert_glm.py --to code path/to/chatglm3-6b path/to/chatglm3-6b               # THUDM weights, our code
 
+--to native and --to glm go tensor by tensor: one source shard open and one output tensor made at a time, so a
+conversion needs the memory of the largest source shard, not of the model (at chatglm3-6b's width with 615 MiB
+shards: 640 MiB above the imports, where the whole model is 1794 MiB; tests/test_convert.py measures it). The
+files written are those that save_pretrained writes for the whole state dict, byte for byte.
+
 The native model computes the same function (docs/architecture.md section 3): split q/k/v projections instead of the
 fused query_key_value, the same gate-then-up fused MLP, partial_rotary_factor 0.5 and rope_theta = 10000 * rope_ratio.
 """
 
 import argparse
 import json
+import math
 import re
 import shutil
 from pathlib import Path
@@ -168,15 +174,16 @@ def check_state_dict(shapes: dict, expected: dict, source, num_layers: int, skip
                          + "; ".join(problems))
 
 
-def glm_to_native_state_dict(state_dict, config):
-    """Rename GLM keys to GlmForCausalLM keys and split query_key_value into q/k/v (weights and biases)."""
+def glm_to_native_plan(names, config) -> dict:
+    """How each GlmForCausalLM weight is made from GLM weights of the given names (in their order): {native name:
+    (GLM name, rows)}, rows None for the whole tensor or (start, stop) for q, k or v out of query_key_value."""
     _check_convertible(config)
     q_size = config.num_attention_heads * config.kv_channels
     kv_size = config.num_kv_heads * config.kv_channels
-    out = {}
-    for name, tensor in state_dict.items():
+    plan = {}
+    for name in names:
         if name in TOP_RENAMES:
-            out[TOP_RENAMES[name]] = tensor
+            plan[TOP_RENAMES[name]] = ((name, None),)
             continue
         if name.endswith("rotary_pos_emb.inv_freq"):
             continue  # recomputed from the config on both sides
@@ -185,25 +192,25 @@ def glm_to_native_state_dict(state_dict, config):
         index, rest = name[len("transformer.encoder.layers."):].split(".", 1)
         prefix = NATIVE_LAYER.format(index)
         if rest in LAYER_RENAMES:
-            out[prefix + LAYER_RENAMES[rest]] = tensor
+            plan[prefix + LAYER_RENAMES[rest]] = ((name, None),)
         elif rest.startswith("self_attention.query_key_value."):
             kind = rest.rsplit(".", 1)[1]  # weight or bias
-            q, k, v = tensor.split((q_size, kv_size, kv_size), dim=0)
-            for proj, part in (("q_proj", q), ("k_proj", k), ("v_proj", v)):
-                out[f"{prefix}self_attn.{proj}.{kind}"] = part.clone()  # own storage: safetensors refuses views
+            bounds = (0, q_size, q_size + kv_size, q_size + 2 * kv_size)
+            for part, proj in enumerate(("q_proj", "k_proj", "v_proj")):
+                plan[f"{prefix}self_attn.{proj}.{kind}"] = ((name, (bounds[part], bounds[part + 1])),)
         else:
             raise KeyError(f"unexpected GLM weight {name!r}")
-    return out
+    return plan
 
 
-def native_to_glm_state_dict(state_dict, num_layers):
-    """The inverse of glm_to_native_state_dict: fuse q/k/v back into query_key_value."""
+def native_to_glm_plan(names, num_layers) -> dict:
+    """The inverse of glm_to_native_plan: {GLM name: native names}, q/k/v fused back into query_key_value."""
     inverse_top = {v: k for k, v in TOP_RENAMES.items()}
     inverse_layer = {v: k for k, v in LAYER_RENAMES.items()}
-    out = {}
-    for name, tensor in state_dict.items():
+    names, plan = list(names), {}
+    for name in names:
         if name in inverse_top:
-            out[inverse_top[name]] = tensor
+            plan[inverse_top[name]] = ((name, None),)
             continue
         if name.endswith("rotary_emb.inv_freq"):
             continue
@@ -211,59 +218,169 @@ def native_to_glm_state_dict(state_dict, num_layers):
             raise KeyError(f"unexpected GlmForCausalLM weight {name!r}")
         index, rest = name[len("model.layers."):].split(".", 1)
         if rest in inverse_layer:
-            out[GLM_LAYER.format(index) + inverse_layer[rest]] = tensor
+            plan[GLM_LAYER.format(index) + inverse_layer[rest]] = ((name, None),)
         elif not rest.startswith("self_attn.") or rest.split(".")[1] not in ("q_proj", "k_proj", "v_proj"):
             raise KeyError(f"unexpected GlmForCausalLM weight {name!r}")
+    present = set(names)
     for index in range(num_layers):
         prefix = NATIVE_LAYER.format(index)
         for kind in ("weight", "bias"):
-            parts = [state_dict.get(f"{prefix}self_attn.{proj}.{kind}") for proj in ("q_proj", "k_proj", "v_proj")]
-            if all(part is not None for part in parts):
-                out[GLM_LAYER.format(index) + f"self_attention.query_key_value.{kind}"] = torch.cat(parts, dim=0)
-    return out
+            parts = [f"{prefix}self_attn.{proj}.{kind}" for proj in ("q_proj", "k_proj", "v_proj")]
+            if all(part in present for part in parts):
+                plan[GLM_LAYER.format(index) + f"self_attention.query_key_value.{kind}"] = tuple(
+                    (part, None) for part in parts)
+    return plan
 
 
-def _read_state_dict(folder: Path):
-    from safetensors.torch import load_file
+def _make_tensor(pieces, get):
+    """One output tensor of a plan entry, from `get(name)` of the source tensors."""
+    if len(pieces) == 1:
+        name, rows = pieces[0]
+        tensor = get(name)
+        return tensor if rows is None else tensor[rows[0]:rows[1]].clone()  # own storage: safetensors refuses views
+    return torch.cat([get(name) if rows is None else get(name)[rows[0]:rows[1]] for name, rows in pieces], dim=0)
 
+
+def glm_to_native_state_dict(state_dict, config):
+    """Rename GLM keys to GlmForCausalLM keys and split query_key_value into q/k/v (weights and biases)."""
+    plan = glm_to_native_plan(state_dict, config)
+    return {name: _make_tensor(pieces, state_dict.__getitem__) for name, pieces in plan.items()}
+
+
+def native_to_glm_state_dict(state_dict, num_layers):
+    """The inverse of glm_to_native_state_dict: fuse q/k/v back into query_key_value."""
+    plan = native_to_glm_plan(state_dict, num_layers)
+    return {name: _make_tensor(pieces, state_dict.__getitem__) for name, pieces in plan.items()}
+
+
+# The safetensors format's dtype names (its header's "dtype").
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+# The order in which safetensors' save_file lays tensors out: by dtype in this order, then by name. Keeping it makes
+# our files byte-identical to save_file's (tests/test_convert.py compares them).
+_SAFETENSORS_ORDER = ("I64", "F64", "F32", "I32", "BF16", "F16", "I16", "F8_E4M3", "F8_E5M2", "I8", "U8", "BOOL")
+
+
+def _safetensors_header(file: Path) -> dict:
+    """The JSON header of a .safetensors file (8-byte little-endian length, then JSON): no tensor is read."""
+    with open(file, "rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        return json.loads(f.read(length))
+
+
+def _read_layout(folder: Path) -> dict:
+    """{name: (file, shape, dtype)} of a folder's weights, in the order of the files (sorted) and of each file,
+    without reading a tensor (safetensors headers, memory-mapped .bin)."""
+    layout = {}
     files = sorted(folder.glob("*.safetensors"))
-    state_dict = {}
-    if files:
-        for file in files:
-            state_dict.update(load_file(str(file)))
-        return state_dict
-    files = sorted(folder.glob("pytorch_model*.bin"))
-    if not files:
-        raise FileNotFoundError(f"no *.safetensors or pytorch_model*.bin weights in {folder}")
     for file in files:
-        # weights_only refuses pickled code: published .bin files hold tensors only.
-        state_dict.update(torch.load(file, map_location="cpu", weights_only=True))
-    return state_dict
-
-
-def _read_shapes(folder: Path) -> dict:
-    """{name: shape} of a folder's weights without reading them (safetensors headers, memory-mapped .bin)."""
-    from safetensors import safe_open
-
-    shapes = {}
-    files = sorted(folder.glob("*.safetensors"))
-    for file in files:
-        with safe_open(str(file), framework="pt") as f:
-            shapes.update({name: tuple(f.get_slice(name).get_shape()) for name in f.keys()})
+        header = _safetensors_header(file)
+        header.pop("__metadata__", None)
+        for name, info in sorted(header.items(), key=lambda item: item[1]["data_offsets"]):
+            layout[name] = (file, tuple(info["shape"]), SAFETENSORS_DTYPES[info["dtype"]])
     if not files:
         for file in sorted(folder.glob("pytorch_model*.bin")):
-            shapes.update({k: tuple(v.shape) for k, v in torch.load(file, map_location="cpu", weights_only=True,
-                                                                     mmap=True).items()})
-    if not shapes:
+            # weights_only refuses pickled code: published .bin files hold tensors only. mmap: nothing is read.
+            tensors = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            layout.update({name: (file, tuple(t.shape), t.dtype) for name, t in tensors.items()})
+            del tensors
+    if not layout:
         raise FileNotFoundError(f"no *.safetensors or pytorch_model*.bin weights in {folder}")
-    return shapes
+    return layout
 
 
-def _write_folder(state_dict, config, dst: Path, src: Path, max_shard_size="5GB"):
-    from huggingface_hub import save_torch_state_dict
+def _read_shapes_of(layout: dict) -> dict:
+    return {name: shape for name, (_, shape, _) in layout.items()}
 
+
+class _ShardReader:
+    """Tensors of a checkpoint folder by name, with at most one shard open at a time: a converter holding this
+    never holds more of the source than one shard (a .bin shard is memory-mapped whole; a safetensors file is read
+    one tensor at a time)."""
+
+    def __init__(self, layout: dict):
+        self.layout, self.file, self.tensors = layout, None, None
+
+    def __call__(self, name: str):
+        file = self.layout[name][0]
+        if file.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            self.file = self.tensors = None  # release a .bin shard
+            with safe_open(str(file), framework="pt") as f:
+                return f.get_tensor(name)
+        if file != self.file:
+            self.file, self.tensors = None, None  # the previous shard's mapping goes before the next one comes
+            self.tensors = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            self.file = file
+        return self.tensors[name]
+
+
+def _tensor_bytes(tensor) -> memoryview:
+    """A tensor's bytes as stored (little-endian, row-major), without a copy when it is contiguous."""
+    return memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+def _write_safetensors(file: Path, names, out_layout: dict, make) -> None:
+    """Write one .safetensors file of the tensors `names`, making and writing them one at a time (`make(name)`),
+    so that only one output tensor is in memory; the bytes are those safetensors' save_file writes."""
+    dtype_names = {dtype: label for label, dtype in SAFETENSORS_DTYPES.items()}
+    order = sorted(names, key=lambda name: (_SAFETENSORS_ORDER.index(dtype_names[out_layout[name][1]]), name))
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name in order:
+        shape, dtype = out_layout[name]
+        size = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": dtype_names[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)  # safetensors pads the header to a multiple of 8 bytes
+    with open(file, "wb") as f:
+        f.write(len(text).to_bytes(8, "little"))
+        f.write(text)
+        for name in order:
+            tensor = make(name)
+            shape, dtype = out_layout[name]
+            if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
+                raise RuntimeError(f"{name}: made {tuple(tensor.shape)} {tensor.dtype}, planned {shape} {dtype}")
+            f.write(_tensor_bytes(tensor))
+            del tensor
+
+
+def _write_weights(plan: dict, layout: dict, dst: Path, max_shard_size="5GB") -> None:
+    """The plan's tensors as safetensors shards in dst (model.safetensors, or model-0000i-of-0000n.safetensors and
+    model.safetensors.index.json), shard by shard and tensor by tensor: the same files and index that
+    huggingface_hub's save_torch_state_dict writes for the whole state dict, without holding it."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    out_layout = {}
+    for name, pieces in plan.items():
+        shapes = [layout[source][1] for source, _ in pieces]
+        rows = [shape[0] if piece_rows is None else piece_rows[1] - piece_rows[0]
+                for shape, (_, piece_rows) in zip(shapes, pieces)]
+        dtype = layout[pieces[0][0]][2]
+        for source, _ in pieces[1:]:
+            dtype = torch.promote_types(dtype, layout[source][2])
+        out_layout[name] = ((sum(rows), *shapes[0][1:]) if shapes[0] else (), dtype)
+    # Shards planned on meta tensors by huggingface_hub's own splitter: the same split as for the real tensors.
+    split = split_torch_state_dict_into_shards(
+        {name: torch.empty(shape, dtype=dtype, device="meta") for name, (shape, dtype) in out_layout.items()},
+        filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size)
+    for stale in dst.iterdir():  # as save_torch_state_dict: earlier weight files of these names go first
+        if re.fullmatch(r"model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?", stale.name):
+            stale.unlink()
+    reader = _ShardReader(layout)
+    for filename, names in split.filename_to_tensors.items():
+        _write_safetensors(dst / filename, names, out_layout, lambda name: _make_tensor(plan[name], reader))
+    if split.is_sharded:
+        index = {"metadata": {**split.metadata, "format": "pt"}, "weight_map": split.tensor_to_filename}
+        with open(dst / "model.safetensors.index.json", "w") as f:
+            json.dump(index, f, indent=2)
+
+
+def _write_folder(plan, layout, config, dst: Path, src: Path, max_shard_size):
     dst.mkdir(parents=True, exist_ok=True)
-    save_torch_state_dict(state_dict, str(dst), max_shard_size=max_shard_size, metadata={"format": "pt"})
+    _write_weights(plan, layout, dst, max_shard_size)
     config.save_pretrained(str(dst))
     # Tokenizer and generation files travel unchanged.
     for pattern in ("tokenizer*", "special_tokens_map.json", "generation_config.json", "*.jinja"):
@@ -307,8 +424,12 @@ def write_native_tokenizer(src: Path, dst: Path, seq_length: int) -> None:
     config_file.write_text(json.dumps(values, indent=2, ensure_ascii=False) + "\n")
 
 
-def convert_checkpoint(src, dst, to: str) -> None:
-    """Convert the checkpoint folder `src` into `dst`; `to` is "native" (GlmForCausalLM) or "glm" (ours)."""
+def convert_checkpoint(src, dst, to: str, max_shard_size="5GB") -> None:
+    """Convert the checkpoint folder `src` into `dst`; `to` is "native" (GlmForCausalLM) or "glm" (ours).
+
+    Tensor by tensor: at most one source shard is open and one output tensor made at a time, so the memory it takes
+    is bounded by the largest source shard, not the model (tests/test_convert.py measures it at chatglm3-6b's width).
+    The output is safetensors shards of at most `max_shard_size` with their index, as save_pretrained writes them."""
     src, dst = Path(src), Path(dst)
     config_dict = json.loads((src / "config.json").read_text())
     if to == "native":
@@ -317,9 +438,9 @@ def convert_checkpoint(src, dst, to: str) -> None:
         config = ChatGLMConfig(**{k: v for k, v in config_dict.items() if k not in ("auto_map", "architectures")})
         native = glm_config_to_native(config)
         native.architectures = ["GlmForCausalLM"]
-        state_dict = _read_state_dict(src)
-        check_state_dict({k: v.shape for k, v in state_dict.items()}, glm_shapes(config), src, config.num_layers)
-        _write_folder(glm_to_native_state_dict(state_dict, config), native, dst, src)
+        layout = _read_layout(src)
+        check_state_dict(_read_shapes_of(layout), glm_shapes(config), src, config.num_layers)
+        _write_folder(glm_to_native_plan(layout, config), layout, native, dst, src, max_shard_size)
         write_native_tokenizer(src, dst, config.seq_length)
     elif to == "glm":
         from transformers import GlmConfig
@@ -329,10 +450,10 @@ def convert_checkpoint(src, dst, to: str) -> None:
         native = GlmConfig.from_pretrained(str(src))
         config = native_config_to_glm(native, ChatGLMConfig)
         config.architectures = ["ChatGLMForConditionalGeneration"]
-        state_dict = _read_state_dict(src)
-        check_state_dict({k: v.shape for k, v in state_dict.items()}, native_shapes(native), src,
-                         native.num_hidden_layers)
-        _write_folder(native_to_glm_state_dict(state_dict, config.num_layers), config, dst, src)
+        layout = _read_layout(src)
+        check_state_dict(_read_shapes_of(layout), native_shapes(native), src, native.num_hidden_layers)
+        _write_folder(native_to_glm_plan(layout, config.num_layers), layout, config, dst, src,
+                      max_shard_size)
         tokenizer = _load_our_tokenizer(src)
         if tokenizer is not None:  # our tokenizer class again, with auto_map, for build_chat_input and chat()
             (dst / "tokenizer_config.json").unlink(missing_ok=True)
@@ -350,7 +471,8 @@ def convert_checkpoint(src, dst, to: str) -> None:
 def adopt_code(src, dst) -> None:
     """Put this repository's code beside a THUDM checkpoint: weights and config keys unchanged, `auto_map` in
     config.json and tokenizer_config.json pointed at our files, `vocab_size` and our chat template added when
-    missing (llama.cpp reads them). `dst` may be `src` (only the JSON files change)."""
+    missing, `_name_or_path` as every saved config records it (llama.cpp reads them). `dst` may be `src` (only the
+    JSON files change)."""
     from configuration_glm import AUTO_MAP
     from local_glm import CODE_FILES, ROOT
 
@@ -364,7 +486,7 @@ def adopt_code(src, dst) -> None:
 
     # Before anything is written: every tensor present with the shape config.json gives it.
     glm_config = ChatGLMConfig(**{k: v for k, v in config.items() if k not in ("auto_map", "architectures")})
-    expected, shapes = glm_shapes(glm_config), _read_shapes(src)
+    expected, shapes = glm_shapes(glm_config), _read_shapes_of(_read_layout(src))
     if glm_config.pre_seq_len:  # a P-tuning v2 checkpoint also holds its prefix encoder
         expected.update({k: v for k, v in shapes.items() if k.startswith("transformer.prefix_encoder.")})
     check_state_dict(shapes, expected, src, glm_config.num_layers)
@@ -376,6 +498,11 @@ def adopt_code(src, dst) -> None:
     config["auto_map"] = dict(AUTO_MAP)
     # llama.cpp's converter reads vocab_size (outside its chatglm3-6b path); THUDM's glm-4 configs lack it.
     config.setdefault("vocab_size", config["padded_vocab_size"])
+    # What every saved config records (ChatGLMConfig.saved_name_or_path): llama.cpp reads ChatGLM3's vocabulary only
+    # under a name containing "THUDM/chatglm3-6b", which chatglm2-6b's own does not.
+    name = glm_config.saved_name_or_path()
+    if name:
+        config["_name_or_path"] = name
     (dst / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
     tokenizer_config = dst / "tokenizer_config.json"
     if tokenizer_config.exists():
@@ -391,6 +518,33 @@ def adopt_code(src, dst) -> None:
         tokenizer_config.write_text(json.dumps(values, indent=2, ensure_ascii=False) + "\n")
     for code in CODE_FILES:
         shutil.copy2(ROOT / code, dst / code)
+
+
+def llama_cpp_refusals(folder) -> list:
+    """Why llama.cpp's stock converter (convert_hf_to_gguf.py) would refuse `folder`, each reason with its fix, or []
+    (docs/engines.md). scripts/engines_check.py says them instead of running the converter, whose own errors name
+    remote code or a tokenizer rather than the cause. Not covered: a GLM-4 byte-level vocabulary other than the
+    published one, which only the converter's pre-tokenizer hash decides."""
+    folder = Path(folder)
+    if not (folder / "config.json").exists():
+        adapter = (folder / "adapter_config.json").exists()
+        return [f"{folder} has no config.json" + (": it is a LoRA adapter alone; convert the merged model "
+                                                  "(train.py --merge_lora, or peft's merge_and_unload() then "
+                                                  "save_pretrained)" if adapter else ": not a model folder")]
+    from configuration_glm import GLM3_ENGINE_MARK, ChatGLMConfig
+
+    values = json.loads((folder / "config.json").read_text())
+    config = ChatGLMConfig(**{k: v for k, v in values.items() if k not in ("auto_map", "architectures")})
+    reasons = []
+    if not (folder / "tokenizer.model").exists():
+        reasons.append(f"{folder} has no tokenizer.model, the vocabulary the converter reads: save the tokenizer "
+                       "beside the model (tokenizer.save_pretrained(folder))")
+    name = values.get("_name_or_path")
+    if config.is_glm3_format and GLM3_ENGINE_MARK not in str(name or ""):
+        reasons.append(f"{folder / 'config.json'}: _name_or_path {name!r} does not contain {GLM3_ENGINE_MARK!r}, so "
+                       "the converter would not read the ChatGLM3 SentencePiece vocabulary (a config written by "
+                       f"older code or by hand): run python convert_glm.py --to code {folder} {folder}")
+    return reasons
 
 
 def refuse_destination(parser, src: Path, dst: Path, to: str, overwrite: bool):
@@ -417,12 +571,14 @@ def main(argv=None):
     parser.add_argument("dst", help="folder to write: a new or empty one (with --to code also src itself)")
     parser.add_argument("--overwrite", action="store_true", help="write into a dst that already holds files (its "
                         "files of the same names are replaced)")
+    parser.add_argument("--max_shard_size", default="5GB", help="--to native/glm: largest weight file written, as "
+                        "save_pretrained's (default 5GB; THUDM publishes 2GB shards)")
     args = parser.parse_args(argv)
     refuse_destination(parser, Path(args.src), Path(args.dst), args.to, args.overwrite)
     if args.to == "code":
         adopt_code(args.src, args.dst)
     else:
-        convert_checkpoint(args.src, args.dst, args.to)
+        convert_checkpoint(args.src, args.dst, args.to, args.max_shard_size)
     print(f"wrote {args.dst}")
 
 

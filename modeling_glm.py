@@ -10,7 +10,9 @@ Example:
     >>> model = AutoModelForCausalLM.from_pretrained("THUDM/chatglm3-6b", trust_remote_code=True)
 """
 
+import json
 import math
+import os
 from typing import Optional
 
 import torch
@@ -27,11 +29,23 @@ from transformers.modeling_outputs import (
 )
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils import logging
 
 from .chat_glm import ChatMixin
 from .compat_glm import CACHE_FIELD, cache_of, causal_mask, pop_cache_position
 from .configuration_glm import ChatGLMConfig
 from .quantization_glm import quantize
+
+logger = logging.get_logger(__name__)
+# Said once per model when it runs in fp16/bf16 on a CPU: what docs/performance.md measured at chatglm3-6b's width
+# (28 layers extrapolated from 2 and 4) on a 2-core AVX2 CPU.
+HALF_ON_CPU = (
+    "GLM runs in {dtype} on the CPU. Without {dtype} matrix units (AVX2 and most AVX-512 CPUs) a prompt is processed "
+    "2.6-3.5x slower than in float32, though each new token decodes 1.3-1.4x faster (half the bytes to read). "
+    "dtype=torch.float32 is the faster dtype for prompts if memory allows (2x the fp16 checkpoint, 25 GB for "
+    "chatglm3-6b); on a 16 GB machine the fastest measured route is llama.cpp with a q4_0 GGUF: 4x faster decoding "
+    "and 6x faster prompts than float16 in 3.6 GiB (README, 'On a CPU'; docs/performance.md)."
+)
 
 
 def _tracing() -> bool:
@@ -417,16 +431,46 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
         a P-tuning v2 model comes back with only its prefix trainable (transformers 5.x hands back loaded
         parameters that all require grad, undoing the freeze of __init__)."""
         want_info = kwargs.pop("output_loading_info", False)
-        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+        try:
+            model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        except Exception as error:  # a truncated download or copy: name the file, which the libraries do not
+            damaged = damaged_file(source)
+            if damaged:
+                raise OSError(f"{damaged}; copy or download it again") from error
+            raise
         missing = sorted(k for k in info.get("missing_keys", ()) if not any(h in k for h in cls._new_heads))
         if missing:
-            source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
             raise ValueError(f"{source}: the checkpoint lacks {len(missing)} weight(s) the config needs: "
                              f"{', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}; check num_layers in "
                              "config.json against the weight files")
         if model.config.pre_seq_len is not None:
             getattr(model, "transformer", model).freeze_base_model()
         return (model, info) if want_info else model
+
+
+def damaged_file(folder):
+    """The first file of a local model folder that cannot be what its name says, with why: a .json file that does
+    not parse, or a .safetensors file shorter than its header declares (a truncated copy); None if all are whole."""
+    if not (isinstance(folder, (str, os.PathLike)) and os.path.isdir(folder)):
+        return None
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        try:
+            if name.endswith(".json"):
+                with open(path, encoding="utf-8") as f:
+                    json.load(f)
+            elif name.endswith(".safetensors"):
+                with open(path, "rb") as f:
+                    header_length = int.from_bytes(f.read(8), "little")
+                    header = json.loads(f.read(header_length))
+                end = 8 + header_length + max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"),
+                                              default=0)
+                if os.path.getsize(path) < end:
+                    return f"{path} is truncated: {os.path.getsize(path)} bytes where its header needs {end}"
+        except (ValueError, UnicodeDecodeError, KeyError, TypeError) as error:
+            return f"{path} is damaged (truncated?): {type(error).__name__}: {str(error)[:100]}"
+    return None
 
 
 def _prefix_length(config: ChatGLMConfig) -> int:
@@ -463,6 +507,14 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
 
     def set_input_embeddings(self, value):
         self.embedding.word_embeddings = value
+
+    def _say_if_half_on_cpu(self, hidden_states):
+        """No silent fp16 on a CPU: dtype="auto" loads the checkpoint's fp16, and the first forward says, once per
+        model, which dtype is faster there."""
+        half = hidden_states.dtype in (torch.float16, torch.bfloat16)
+        if half and hidden_states.device.type == "cpu" and not _tracing() and not getattr(self, "_said_half", False):
+            self._said_half = True
+            logger.warning(HALF_ON_CPU.format(dtype=str(hidden_states.dtype).removeprefix("torch.")))
 
     def get_prompt(self, batch_size: int, device, dtype):
         """The P-tuning v2 prefix as per-layer (key, value) pairs [batch, kv_heads, pre_seq_len, kv_channels]."""
@@ -502,6 +554,7 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
 
         if inputs_embeds is None:
             inputs_embeds = self.embedding(input_ids)
+        self._say_if_half_on_cpu(inputs_embeds)
         created_cache = use_cache and cache is None
         if created_cache:
             cache = DynamicCache()

@@ -318,6 +318,8 @@ def _format_message(index, message, glm4):
         raise ChatFormatError(f"message {index}: metadata must be a string, got {type(metadata).__name__}")
     calls = message.get("tool_calls") if role == "assistant" else None
     try:
+        if role != "observation" or _is_parts(content):  # a tool's result may be a JSON list of its own
+            content = content_text(content)
         if role == "assistant" and isinstance(content, dict):
             # A reply that model.chat parsed: a tool call, or another channel's {"name", "content"}.
             if "parameters" in content:
@@ -339,15 +341,44 @@ def _format_message(index, message, glm4):
         parts = [(role, metadata, content)] if not calls or content or metadata else []
         for call in calls or ():
             parts.append(("assistant", *format_tool_call(*_tool_call_fields(call), glm4=glm4)))
+        for _, part_metadata, part_content in parts:
+            check_surrogates(part_metadata, "metadata")
+            check_surrogates(part_content, "content")
     except ValueError as error:
         raise ChatFormatError(f"message {index}: {error}") from None
     return parts
 
 
+def content_text(content):
+    """A message's content as text: a string as it is, or OpenAI's content parts ([{"type": "text", "text": ...}],
+    as OpenAI's API and TRL send them) joined; a part of another type (an image) cannot be rendered by a text
+    model and is refused naming it."""
+    if not isinstance(content, (list, tuple)):
+        return content
+    texts = []
+    for number, part in enumerate(content):
+        if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            raise ValueError(f"content part {number} is {kind!r}: only text parts ({{'type': 'text', 'text': "
+                             "...}) can be rendered")
+        texts.append(part["text"])
+    return "".join(texts)
+
+
+def _is_parts(content):
+    return isinstance(content, (list, tuple)) and bool(content) and all(
+        isinstance(part, dict) and "type" in part for part in content)
+
+
 def _tool_schemas(tools):
-    """Tools as JSON: Python functions become their JSON schema, as transformers' apply_chat_template does."""
+    """Tools as JSON: Python functions become their JSON schema, as transformers' apply_chat_template does. Each
+    tool is a JSON object (OpenAI's {"type": "function", "function": {...}} or ChatGLM3's {"name", ...})."""
     if not isinstance(tools, (list, tuple)):
         raise ValueError(f"tools must be a list, got {type(tools).__name__}")
+    for number, tool in enumerate(tools):
+        if not (isinstance(tool, dict) or callable(tool)):
+            raise ValueError(f"tools[{number}] must be a JSON object (a function schema) or a Python function, "
+                             f"got {type(tool).__name__}: {tool!r:.40}")
     if any(callable(tool) for tool in tools):
         from transformers.utils import get_json_schema
 
@@ -387,6 +418,9 @@ def _template_messages(messages, glm4):
     tool-call arguments parsed, so the Jinja template only meets the standard forms."""
     prepared = []
     for message in messages:
+        if isinstance(message, dict) and isinstance(message.get("content"), (list, tuple)) and (
+                message.get("role") not in ("tool", "observation") or _is_parts(message["content"])):
+            message = {**message, "content": content_text(message["content"])}
         if isinstance(message, dict) and message.get("role") == "assistant":
             message = dict(message)
             if isinstance(message.get("content"), dict):
@@ -559,11 +593,26 @@ def convert_tokenizer_model(path):
 
 
 def _check_text(text, name="text"):
-    """Raise TypeError naming the type unless `text` is a str, a list of str, or a list of lists of str."""
+    """Raise TypeError naming the type unless `text` is a str, a list of str, or a list of lists of str, and
+    ValueError for a lone surrogate in it (see `check_surrogates`)."""
     for item in text if isinstance(text, (list, tuple)) else [text]:
         for piece in item if isinstance(item, (list, tuple)) else [item]:
             if not isinstance(piece, str):
                 raise TypeError(f"{name} must be a str or a list of str, got {type(piece).__name__}")
+            check_surrogates(piece, name)
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def check_surrogates(text, name="text"):
+    """Refuse a lone surrogate (U+D800-U+DFFF: valid in JSON's \\ud800 and in Python strings, but no character, and
+    not encodable as UTF-8). Nothing is replaced: the ValueError names the place and the code point, so the data
+    can be fixed at its source (docs/tokenizer.md)."""
+    match = _SURROGATE.search(text)
+    if match:
+        raise ValueError(f"{name} holds a lone surrogate U+{ord(match.group()):04X} at character {match.start()} "
+                         "(not a character; UTF-8 cannot encode it): fix or drop it in the source text")
 
 
 def _mark(obj, pattern):
@@ -680,6 +729,26 @@ class ChatGLMTokenizer(PreTrainedTokenizerFast):
         controls = "|".join(map(re.escape, sorted(self._specials, key=len, reverse=True)))
         self._user_control_re = re.compile(f"{controls}|{_MARK}")
         self._template_control_re = re.compile(f"{_MARK}({controls}|{_MARK})|({controls})")
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """As PreTrainedTokenizerBase.from_pretrained; a truncated or damaged tokenizer file of a local folder is
+        named (the JSON parser's own error names no file)."""
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except Exception as error:
+            folder = pretrained_model_name_or_path
+            if not (isinstance(folder, (str, os.PathLike)) and os.path.isdir(folder)):
+                raise
+            for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+                path = os.path.join(folder, name)
+                try:
+                    if os.path.isfile(path):
+                        with open(path, encoding="utf-8") as f:
+                            json.load(f)
+                except ValueError as damaged:
+                    raise OSError(f"{path} is damaged (truncated?): {damaged}; copy or download it again") from error
+            raise
 
     @classmethod
     def convert_to_native_format(cls, **kwargs):

@@ -15,7 +15,7 @@ import sys
 import time
 
 from glm_train import flags
-from glm_train.checkpoint import Checkpointer
+from glm_train.checkpoint import Checkpointer, disk_full
 from glm_train.errors import InputError, Interrupted, Refusal
 
 
@@ -38,6 +38,13 @@ def main(argv=None):
         raise Interrupted(f"stopped before the end; the last complete checkpoint is "
                           f"{checkpointer.last_description()}" + ("; continue with --resume_from_checkpoint "
                           "latest" if checkpointer.last else "")) from None
+    except Exception as error:  # a full disk, in whichever words the writing library puts it
+        full = disk_full(error, checkpointer.output_dir)
+        if full is None:
+            raise
+        raise type(full)(f"{full}. The last complete checkpoint is {checkpointer.last_description()}" +
+                         ("; free some space, then continue with --resume_from_checkpoint latest"
+                          if checkpointer.last else "; free some space and start again")) from error
     if accelerator.is_main_process:
         print(f"done in {time.time() - started:.0f}s; the model folder is {args.output_dir}")
 
@@ -98,6 +105,8 @@ def build(args, accelerator, checkpointer):
                            num_proc=args.preprocessing_num_workers, max_eval_samples=args.max_eval_samples,
                            packing=args.packing, streaming=args.streaming,
                            main_process_first=accelerator.main_process_first)
+    if splits.truncation:
+        accelerator.print(splits.truncation)
     max_steps = args.max_train_steps  # --streaming requires it: a stream has no length
     if not args.streaming:
         max_steps = loop.plan_steps(len(splits.train), per_device_batch_size=args.per_device_train_batch_size,
@@ -180,9 +189,8 @@ def save(args, accelerator, checkpointer, net, tokenizer, rows, log, summary):
 
         accuracy, details = skills.report_skills(output_dir, rows.heldout)
         log({"step": summary["steps"], "heldout_exact_match": accuracy})
-        with open(output_dir / "README.md", "a") as f:
-            f.write(f"\nHeld-out exact match of greedy replies (questions never seen in training): "
-                    f"{accuracy:.1%} ({details}).\n")
+        publish.write_model_card(output_dir, facts, {**summary, "heldout_exact_match": accuracy,
+                                                     "heldout_details": details})  # the score in its model-index
     if args.push_to_hub:
         publish.push_to_hub(output_dir, args.hub_model_id or output_dir.name, token=args.hub_token,
                             private=args.hub_private)

@@ -432,7 +432,8 @@ def packing_rows(config, model, args, device, dtype, batch=32, block=256):
     conversations = args.packing_conversations
     rows_data, _ = builtin.skill_splits(n_train=conversations, n_heldout=2, seed=0)
     tokenizer = glm.tokenization.train_glm_tokenizer(list(sources.conversation_texts(rows_data)), vocab_size=800)
-    tokenized = preprocess.tokenize_sft(datasets.Dataset.from_list(rows_data), tokenizer, "conversations", block)
+    tokenized, _ = preprocess.tokenize_sft(datasets.Dataset.from_list(rows_data), tokenizer, "conversations",
+                                           block)
     packed = preprocess.pack_sft(tokenized, block)
     padded_batches = [batches.Collator(tokenizer.pad_token_id)(list(tokenized.select(range(i, min(i + batch,
                       len(tokenized)))))) for i in range(0, len(tokenized), batch)]

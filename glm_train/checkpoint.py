@@ -21,7 +21,7 @@ import re
 import shutil
 from pathlib import Path
 
-from .errors import InputError, Refusal
+from .errors import DiskFull, InputError, Refusal
 
 CHECKPOINT_MARKER = "checkpoint_complete.json"
 # Written first into a checkpoint's temporary folder: it tells train.py's own interrupted writes from a user's folder.
@@ -300,13 +300,18 @@ def save_checkpoint(accelerator, folder: Path, step: int, state: dict, total_lim
         temporary.mkdir(parents=True)
         (temporary / CHECKPOINT_STARTED).write_text(json.dumps({"step": step}))
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(temporary))
-    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(str(temporary))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            with open(temporary / TRAINER_STATE, "w") as f:
+                json.dump(state, f)
+            fsync_tree(temporary)
+            mark_complete(temporary, step)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)  # never complete; its space back (a full disk, often)
+        raise
     if accelerator.is_main_process:
-        with open(temporary / TRAINER_STATE, "w") as f:
-            json.dump(state, f)
-        fsync_tree(temporary)
-        mark_complete(temporary, step)
         if final.exists():
             shutil.rmtree(final)
         os.rename(temporary, final)
@@ -315,6 +320,25 @@ def save_checkpoint(accelerator, folder: Path, step: int, state: dict, total_lim
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
+
+
+def disk_full(error: BaseException, folder: Path):
+    """A DiskFull naming `folder` and the space left when `error` came from a full disk (ENOSPC anywhere in its
+    chain, or a library's own words for it, such as torch's "unexpected pos", with under 16 MiB left), else None."""
+    import errno
+
+    chain, link = [], error
+    while link is not None and len(chain) < 10:
+        chain.append(link)
+        link = link.__cause__ or link.__context__
+    try:
+        free = shutil.disk_usage(next(p for p in [Path(folder), *Path(folder).parents] if p.exists())).free
+    except (OSError, StopIteration):
+        free = None
+    if not (any(getattr(e, "errno", None) == errno.ENOSPC for e in chain) or (free is not None and free < 16 << 20)):
+        return None
+    left = f"{free / 2**20:.1f} MiB left" if free is not None else "space unknown"
+    return DiskFull(f"No space left on device in {folder} ({left}; {type(error).__name__}: {str(error)[:120]})")
 
 
 def find_checkpoint(resume_from, output_dir: Path):

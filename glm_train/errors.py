@@ -17,3 +17,8 @@ class EngineError(Refusal, RuntimeError):
 
 class Interrupted(Exception):
     """Ctrl-C or SIGTERM during a run: train.py says which checkpoint to continue from, in one line."""
+
+
+class DiskFull(Refusal, OSError):
+    """The output folder's disk filled up while writing (libraries report it in their own words: torch's
+    "unexpected pos"); the message says so and which checkpoint is complete."""

@@ -5,6 +5,7 @@ is loaded or written. `parse_args` returns the namespace; nothing changes it aft
 
 import argparse
 import math
+import os
 from pathlib import Path
 
 from .model import LORA_TARGETS
@@ -221,6 +222,17 @@ def check_flag_values(parser, args):
         parser.error("--lora_alpha / --lora_dropout need --lora_r")
     if args.overwrite_output_dir and args.resume_from_checkpoint:
         parser.error("choose one of --overwrite_output_dir (start over) and --resume_from_checkpoint (continue)")
+    if args.push_to_hub and hub_offline():
+        parser.error("--push_to_hub uploads to the Hub, but HF_HUB_OFFLINE is set (scripts/run.sh and "
+                     "scripts/train.sh set HF_HUB_OFFLINE=1 unless it is given): run with HF_HUB_OFFLINE=0, or "
+                     "train without --push_to_hub and upload the folder later")
+
+
+def hub_offline() -> bool:
+    """Whether huggingface_hub is in offline mode (HF_HUB_OFFLINE, read when it was imported)."""
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
 
 
 def step_settings(args, processes: int, block_size: int, training_rows: int, config) -> dict:
@@ -244,11 +256,14 @@ def step_settings(args, processes: int, block_size: int, training_rows: int, con
 
 def card_facts(args, mode: str) -> dict:
     """What the model card says about the run (publish.RunFacts' fields)."""
+    local = [f for f in (args.dataset_name, args.train_file, args.validation_file) if f and os.path.exists(f)]
     data = ("built-in generated bilingual chat data (addition, weather tool call)" if args.builtin
-            else args.dataset_name or ", ".join(f for f in (args.train_file, args.validation_file) if f))
+            else ", ".join(Path(f).name for f in local) or args.dataset_name)  # local paths by name only
     return dict(base=args.model_name_or_path, config_name=args.config_name, data=data, mode=mode,
                 method="LoRA" if args.lora_r else "P-tuning v2" if args.pre_seq_len else "full",
                 batch=f"{args.per_device_train_batch_size} per device x {args.gradient_accumulation_steps} "
                       "accumulation",
                 learning_rate=f"{args.learning_rate} ({args.lr_scheduler_type}, {args.num_warmup_steps} warmup steps)",
-                name=args.hub_model_id, lora=bool(args.lora_r), merged=args.merge_lora)
+                name=args.hub_model_id, lora=bool(args.lora_r), merged=args.merge_lora,
+                language=["en", "zh"] if args.builtin else [],  # the built-in data's languages; others unknown
+                dataset=args.dataset_name)

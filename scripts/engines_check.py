@@ -35,7 +35,8 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+import convert_glm  # noqa: E402
 import engine_converters  # noqa: E402
 
 PROMPTS = ["你好", "What is 12 + 30?", "北京今天天气怎么样？"]
@@ -106,6 +107,10 @@ def check_llama_cpp(folder, ours, tmp, results):
     from llama_cpp import llama_cpp as low_level
 
     tokenizer = ours.tokenizer
+    refusals = convert_glm.llama_cpp_refusals(folder)
+    if refusals:  # what stops the converter, with the fix, instead of its own error
+        report(results, "llama.cpp converts the folder", False, "; ".join(refusals))
+        return
     gguf = Path(tmp) / "model.gguf"
     # The converter's GPT-2 vocabulary path asks transformers' trust_remote_code question: answer it as a user.
     converted = subprocess.run([sys.executable, str(engine_converters.llama_cpp_converter()), str(folder),

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Source me: makes (once) and activates a virtual environment for this repository.
-# It lives outside the clone, keyed by the requirements files, so CI and fresh clones reuse it.
+# It lives outside the clone, keyed by the requirements files and the newest transformers release they allow, so CI
+# and fresh clones reuse it until either changes.
 #   GLM_REQUIREMENTS  requirements file to install (default: requirements.txt; the tests use requirements-test.txt)
 #   GLM_VENV_ROOT     where environments are kept (default: ~/.cache/glm-hf-venvs)
 # `bash scripts/run.sh COMMAND ...` runs one command inside the same environment.
@@ -8,8 +9,16 @@ set -e
 _root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 _req="${GLM_REQUIREMENTS:-$_root/requirements.txt}"
 case "$_req" in /*) ;; *) _req="$_root/$_req" ;; esac
-_key="$(cat "$_req" "$_root"/requirements*.txt | sha256sum | cut -c1-16)-py$(python3 -c 'import sys; print("%d%d" % sys.version_info[:2])')"
-_venv="${GLM_VENV_ROOT:-$HOME/.cache/glm-hf-venvs}/$_key"
+# The folder: a hash of the requirements files and the newest transformers release they allow (scripts/venv_path.py).
+_venv="$(python3 "$_root/scripts/venv_path.py" "$_req")"
+mkdir -p "$(dirname "$_venv")"
+# One setup at a time: a second first run (scripts/main.sh and scripts/test.sh started together) waits here, then
+# finds the environment made.
+exec {_lock}>"$_venv.lock"
+if ! flock -n "$_lock"; then
+  echo "waiting for another setup of $_venv to finish..." >&2
+  flock "$_lock"
+fi
 if [ ! -f "$_venv/.complete" ]; then
   echo "setting up a virtual environment (once) in $_venv from $(basename "$_req"):" >&2
   echo "  the CPU build of torch ${GLM_TORCH_VERSION:-2.13.0}, then $(grep -v '^\s*#' "$_req" | grep -v '^\s*$' | tr '\n' ' ')" >&2
@@ -25,6 +34,8 @@ if [ ! -f "$_venv/.complete" ]; then
   touch "$_venv/.complete"
   echo "  done; enter it in a shell with: source $_venv/bin/activate (or use scripts/run.sh)" >&2
 fi
+flock -u "$_lock"
+exec {_lock}>&-
 # shellcheck disable=SC1091
 source "$_venv/bin/activate"
 export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}" TOKENIZERS_PARALLELISM="${TOKENIZERS_PARALLELISM:-false}"

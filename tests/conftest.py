@@ -21,6 +21,11 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures" / "reference"
 SHIPPED = {("chatglm3-6b", "tokenizer.model"): ROOT / "tokenizer.model"}
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "real_width: builds a chatglm3-6b-width folder (about 1.9 GB, a minute); CI "
+                                       "runs these once, in the current-transformers leg")
+
+
 def reference_file(*parts) -> Path:
     """A file of the reference artifacts (GLM_REFERENCE_DIR or ../shared/reference, else the copy under
     tests/fixtures), or skip the test saying where it was looked for."""
@@ -97,3 +102,17 @@ def workspace(tmp_path_factory):
     glm.ChatGLMForConditionalGeneration(config).save_pretrained(base)
     tokenizer.save_pretrained(base)
     return root
+
+
+# chatglm3-6b's real width, 2 of its 28 layers, in THUDM's .bin shards of at most 700 MB (about 1.9 GB in all).
+REAL_WIDTH_SHARD = 700 * 10**6
+
+
+@pytest.fixture(scope="session")
+def real_width_folder(tmp_path_factory):
+    """A THUDM-format chatglm3-6b folder at real width with 2 layers and random weights (benchmarks/thudm_folder.py),
+    built once per session (about 10 s); tests marked real_width use it and must not change it."""
+    from benchmarks.thudm_folder import build_thudm_folder
+
+    return build_thudm_folder(tmp_path_factory.mktemp("real-width") / "chatglm3-2l", num_layers=2,
+                              max_shard_size=REAL_WIDTH_SHARD)

@@ -4,8 +4,10 @@ import base64
 import copy
 import json
 import os
+import re
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 
@@ -236,6 +238,34 @@ def test_chat_stops_at_every_stop_token_and_returns_history(tokenizer, model, st
                                       {"role": "assistant", "metadata": "", "content": "你好" + RARE}]
 
 
+def test_chat_length_defaults_to_the_model_context(tokenizer, model):
+    # Without max_length or max_new_tokens, prompt + reply stop at config.seq_length (256), not at 8192.
+    never_stops = tokenizer.encode(" fox", add_special_tokens=False)
+    prompt = tokenizer.build_chat_input("你好")["input_ids"].shape[1]
+    steps = []
+    model.chat(tokenizer, "你好", do_sample=False, logits_processor=LogitsProcessorList([_Force(never_stops, steps)]))
+    assert len(steps) == model.config.seq_length - prompt
+    for chat in (model.chat, lambda *a, **k: list(model.stream_chat(*a, **k))):
+        steps.clear()
+        with pytest.raises(ValueError, match=r"prompt \(query and history\) is \d+ tokens.*max_length=256 \(the "
+                                             r"model context, seq_length\)"):
+            chat(tokenizer, "fox " * 300, do_sample=False, logits_processor=LogitsProcessorList([_Force([5], steps)]))
+        assert not steps  # refused before generating
+    # max_new_tokens past the context: generated, with a warning.
+    with pytest.warns(UserWarning, match=r"the prompt is \d+ tokens, longer than the model's context"):
+        model.chat(tokenizer, "fox " * 300, do_sample=False, max_new_tokens=2)
+
+
+@pytest.mark.parametrize("text, code", [("a\ud800b", "U+D800"), ("\udfff", "U+DFFF")])
+def test_chat_refuses_lone_surrogates_naming_them(tokenizer, model, text, code):
+    with pytest.raises(ValueError, match=re.escape(f"message 0: content holds a lone surrogate {code}")):
+        model.chat(tokenizer, text, do_sample=False, max_new_tokens=2)
+    with pytest.raises(ValueError, match=re.escape(f"message 0: content holds a lone surrogate {code}")):
+        next(model.stream_chat(tokenizer, "hi", [{"role": "user", "content": text}], max_new_tokens=2))
+    with pytest.raises(ValueError, match=re.escape(f"text holds a lone surrogate {code}")):
+        tokenizer(text)
+
+
 def test_stream_chat_grows_in_whole_characters(tokenizer, model):
     text = "你好" + RARE + " fox" + RARE
     ids = reply_ids(tokenizer, text)
@@ -430,6 +460,28 @@ def test_chat_script_through_a_pipe(chat_folder, tmp_path):
     assert out.index("[tool call]") < out.index("北京今天晴") < out.index("(new conversation)")
 
 
+@pytest.mark.parametrize("content, error", [
+    ('[{"name": "f",}]', r"tools\.json line 1 column 15: malformed JSON: Expecting property name"),
+    ('{"name": "f"}', r"tools\.json: expected a JSON list of tool descriptions, got a dict"),
+    ('"f"', r"tools\.json: expected a JSON list of tool descriptions, got a str"),
+    ("[1, 2]", r"tools\.json: .*tools\[0\] must be a JSON object"),
+])
+def test_chat_script_checks_tools_before_loading_the_model(chat_folder, tmp_path, content, error):
+    (tmp_path / "tools.json").write_text(content, encoding="utf-8")
+    weights = chat_folder / "model.safetensors"
+    moved = tmp_path / "weights-elsewhere"
+    weights.rename(moved)  # the model cannot load: an error about it means the tools were checked too late
+    try:
+        result = subprocess.run([sys.executable, str(ROOT / "chat.py"), str(chat_folder), "--tools",
+                                 str(tmp_path / "tools.json")], input="hi\n", capture_output=True, text=True,
+                                timeout=300)
+    finally:
+        moved.rename(weights)
+    assert result.returncode == 2
+    assert "--tools" in result.stderr and re.search(error, result.stderr), result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_chat_script_history_and_clear(chat_folder):
     lines = ["你好", "你好", "clear", "你好"]
     result = subprocess.run(
@@ -503,3 +555,50 @@ def test_abandoned_stream_stops_while_still_referenced():
     threads = threading.active_count()
     stream.close()  # ends generate() and its thread
     assert threading.active_count() == threads - 1
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantization_while_loading_equals_quantize(trained_model, bits, tmp_path):
+    """transformers' TorchAoConfig with quantization_glm.torchao_config quantizes our remote-code model while it
+    loads (full precision is never held whole): the same block matrices as model.quantize(bits) on a bf16 load, the
+    same logits, the output layer and embeddings untouched."""
+    import_extra("torchao")
+    import convert_glm
+
+    model, held_out = trained_model
+    model.save_pretrained(tmp_path / "full")
+    convert_glm.adopt_code(tmp_path / "full", tmp_path / "full")
+    torch.save(held_out, tmp_path / "held_out.pt")
+    # A fresh process with torchao importable from the start, as a user's: transformers decides at import time.
+    script = textwrap.dedent(f"""
+        import json, sys
+        import torch
+        from transformers import AutoModelForCausalLM, TorchAoConfig
+        sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / "benchmarks")!r}]
+        from bench_quantize import weight_bytes
+        from quantization_glm import torchao_config
+        path, held_out = {str(tmp_path / "full")!r}, torch.load({str(tmp_path / "held_out.pt")!r})
+        plain = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=torch.bfloat16).eval()
+        full = sum(weight_bytes(m.weight) for n, m in plain.named_modules() if "encoder.layers" in n and
+                   isinstance(m, torch.nn.Linear))
+        quantized = plain.quantize({bits})
+        config = TorchAoConfig(torchao_config({bits}))
+        loaded = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=torch.bfloat16,
+                                                      quantization_config=config).eval()
+        def sizes(model):
+            return [weight_bytes(m.weight) for n, m in model.named_modules() if hasattr(m, "weight")]
+        with torch.no_grad():
+            same = torch.equal(loaded(held_out).logits, quantized(held_out).logits)
+        blocks = sum(weight_bytes(m.weight) for n, m in loaded.named_modules() if "encoder.layers" in n and
+                     isinstance(m, torch.nn.Linear))
+        print(json.dumps({{"same_logits": same, "same_sizes": sizes(loaded) == sizes(quantized),
+                          "factor": full / blocks,
+                          "output_layer": type(loaded.transformer.output_layer.weight).__name__}}))
+    """)
+    extras = os.environ.get("GLM_EXTRAS", "")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": extras, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads(result.stdout.splitlines()[-1])
+    assert figures["same_logits"] and figures["same_sizes"], figures
+    assert figures["factor"] >= (1.9 if bits == 8 else 3.7) and figures["output_layer"] == "Parameter", figures

@@ -127,6 +127,49 @@ def test_template_errors_are_template_errors(glm3):
             {"function": {"name": "f", "arguments": "{not json"}}]}])
 
 
+def _as_parts(text):
+    """OpenAI's content parts for `text`, cut in two where it can be."""
+    cut = len(text) // 2
+    return [{"type": "text", "text": text[:cut]}, {"type": "text", "text": text[cut:]}]
+
+
+def test_openai_content_parts_render_as_their_joined_text(family):
+    tokenizer, _, _, _ = family
+    for messages, tools, _ in conversations(tokenizer, 30, seed=2):
+        if messages[-1]["role"] != "assistant":
+            continue
+        parted = [{**m, "content": _as_parts(m["content"])} if isinstance(m.get("content"), str) and m["content"]
+                  and m["role"] in ("system", "user", "assistant") else m for m in messages]
+        assert parted != messages
+        assert tokenizer.tokenize_conversation(parted, tools=tools) == tokenizer.tokenize_conversation(messages,
+                                                                                                    tools=tools)
+        assert tokenizer.apply_chat_template(parted, tools=tools, tokenize=False) == \
+            tokenizer.apply_chat_template(messages, tools=tools, tokenize=False)
+    # A tool's result that is a JSON list stays the JSON of that list.
+    observation = [{"role": "user", "content": "x"}, {"role": "tool", "content": [{"temp": 20}]}]
+    assert tokenizer.build_chat_input("y", observation)["input_ids"].tolist() == \
+        tokenizer.build_chat_input("y", [observation[0], {"role": "tool", "content": '[{"temp": 20}]'}])[
+            "input_ids"].tolist()
+
+
+@pytest.mark.parametrize("messages, tools, error", [
+    ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}], None,
+     "message 0: content part 0 is 'image_url': only text parts"),
+    ([{"role": "user", "content": [{"type": "text", "text": 5}]}], None, "message 0: content part 0 is 'text'"),
+    ([{"role": "user", "content": "hi"}], [1, 2], r"tools\[0\] must be a JSON object \(a function schema\)"),
+    ([{"role": "system", "content": "s", "tools": ["f"]}, {"role": "user", "content": "hi"}], None,
+     r"message 0: tools\[0\] must be a JSON object"),
+    ([{"role": "user", "content": "hi"}, {"role": "assistant", "metadata": "\ud83d", "content": "x"}], None,
+     r"message 1: metadata holds a lone surrogate U\+D83D at character 0"),
+])
+def test_malformed_parts_tools_and_surrogates_name_the_culprit(glm3, messages, tools, error):
+    for call in (lambda: glm3.apply_chat_template(messages, tools=tools, return_dict=False),
+                 lambda: glm3.apply_chat_template(messages, tools=tools, tokenize=False),
+                 lambda: glm3.tokenize_conversation(messages, tools=tools)):
+        with pytest.raises(ValueError, match=error):
+            call()
+
+
 def test_trl_probes_find_tool_support_and_trained_stop_token(glm3):
     from trl.chat_template_utils import is_chat_template_stop_token_trained, supports_tool_calling
 

@@ -22,7 +22,7 @@ from glm_train.data import sources
 
 def test_resume_after_sigkill_during_checkpoint_write(workspace, tmp_path):
     data = ["--train_file", str(workspace / "chats.jsonl"), "--max_train_steps", "8", "--checkpointing_steps", "3",
-            "--per_device_train_batch_size", "8", "--checkpoints_total_limit", "5"]
+            "--per_device_train_batch_size", "8", "--checkpoints_total_limit", "5", "--block_size", "128"]
     full = run_script(common(workspace, tmp_path / "full", *data))
     assert full.returncode == 0, full.stderr[-3000:]
 
@@ -43,6 +43,37 @@ def test_resume_after_sigkill_during_checkpoint_write(workspace, tmp_path):
     for step in range(4, 9):
         assert got[step] == pytest.approx(expected[step], rel=1e-5), step
     assert_same_weights(weights(tmp_path / "full"), weights(out))
+
+
+def test_a_full_disk_says_so_and_keeps_the_complete_checkpoints(workspace, tmp_path):
+    """The output folder on a filesystem with room for one checkpoint and a half: the second checkpoint's write
+    fails (torch says "unexpected pos", safetensors "IoError"), train.py says "No space left on device" in one line
+    with the checkpoint to continue from, the half-written one is gone and the first stays complete."""
+    import subprocess
+
+    data = ["--train_file", str(workspace / "chats.jsonl"), "--max_train_steps", "4", "--checkpointing_steps", "1",
+            "--per_device_train_batch_size", "4", "--checkpoints_total_limit", "2", "--block_size", "128"]
+    train.main(common(workspace, tmp_path / "probe", *data[:3], "2", *data[4:]))
+    size = sum(p.stat().st_size for p in (tmp_path / "probe" / "checkpoints" / "step-0000001").rglob("*"))
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size * 3 // 2 // 4096 * 4096 + 65536}", "tmpfs",
+                              str(disk)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root): {mounted.stderr.strip()}")
+    try:
+        out = disk / "run"
+        result = run_script(common(workspace, out, *data))
+        assert result.returncode == 1, result.stderr[-3000:]
+        last = result.stderr.strip().splitlines()[-1]
+        assert re.fullmatch(rf"train.py: No space left on device in {re.escape(str(out))} \(\d+\.\d MiB left; .*\)\. "
+                            rf"The last complete checkpoint is {re.escape(str(out / 'checkpoints' / 'step-0000001'))}; "
+                            r"free some space, then continue with --resume_from_checkpoint latest", last), last
+        assert "Traceback" not in result.stderr
+        assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000001"]
+        assert [p.name for p in checkpoint.complete_checkpoints(out / "checkpoints")] == ["step-0000001"]
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
 
 
 @pytest.mark.parametrize("case", ["finished", "foreign", "checkpoint", "stray_tmp_file", "user_tmp_folder"])
@@ -89,7 +120,7 @@ def test_overwrite_replaces_only_our_files_and_retrains_the_tokenizer(workspace,
     chats = write_jsonl(tmp_path / "chats.jsonl", [json.loads(line) for line in
                                                    (workspace / "chats.jsonl").read_text().splitlines()])
     argv = ["--config_name", str(workspace / "tiny.json"), "--train_file", str(chats), "--output_dir", str(out),
-            "--tokenizer_vocab_size", "400", "--max_train_steps", "2", "--block_size", "64",
+            "--tokenizer_vocab_size", "400", "--max_train_steps", "2", "--block_size", "128",
             "--per_device_train_batch_size", "8", "--overwrite_output_dir"]
     train.main(argv)
     assert (out / "notes.txt").read_text() == "mine" and (out / ".git" / "HEAD").exists()
@@ -109,7 +140,7 @@ def test_overwrite_replaces_only_our_files_and_retrains_the_tokenizer(workspace,
 
 def _kill_and_resume(workspace, tmp_path, extra):
     data = ["--train_file", str(workspace / "chats.jsonl"), "--max_train_steps", "6", "--checkpointing_steps", "2",
-            "--per_device_train_batch_size", "8", "--checkpoints_total_limit", "5", "--block_size", "64", *extra]
+            "--per_device_train_batch_size", "8", "--checkpoints_total_limit", "5", "--block_size", "128", *extra]
     full = run_script(common(workspace, tmp_path / "full", *data))
     assert full.returncode == 0, full.stderr[-3000:]
     out = tmp_path / "crashed"
@@ -139,7 +170,7 @@ def test_resume_with_dropout_is_exact(workspace, tmp_path):
     before = snapshot(copy)
     data = ["--config_name", str(tmp_path / "dropout.json"), "--train_file", str(workspace / "chats.jsonl"),
             "--max_train_steps", "6", "--checkpointing_steps", "2", "--per_device_train_batch_size", "8",
-            "--block_size", "64", "--resume_from_checkpoint", "latest"]
+            "--block_size", "128", "--resume_from_checkpoint", "latest"]
     with pytest.raises(ValueError, match=re.escape(f"the RNG state {rng} is unreadable")):
         train.main(common(workspace, copy, *data))
     assert snapshot(copy) == before
@@ -155,7 +186,7 @@ def test_kill_while_writing_the_tokenizer_copy_needs_no_cleanup(workspace, tmp_p
 
     out = tmp_path / "out"
     argv = ["--config_name", str(workspace / "tiny.json"), "--train_file", str(workspace / "chats.jsonl"),
-            "--output_dir", str(out), "--tokenizer_vocab_size", "400", "--max_train_steps", "3", "--block_size", "64",
+            "--output_dir", str(out), "--tokenizer_vocab_size", "400", "--max_train_steps", "3", "--block_size", "128",
             "--per_device_train_batch_size", "8", "--checkpointing_steps", "1", "--checkpoints_total_limit", "5"]
     killed = run_script(argv, kill=("tokenizer", 1))
     assert killed.returncode == -9
@@ -214,7 +245,7 @@ def test_the_model_being_fine_tuned_is_never_the_output_folder(workspace, tmp_pa
     out = {"base": base, "inside_base": base / "finetune", "holding_base": holder}[where]
     before = snapshot(holder)
     argv = ["--model_name_or_path", str(base), "--train_file", str(workspace / "chats.jsonl"), "--output_dir",
-            str(out), "--max_train_steps", "1", "--block_size", "64", *(["--overwrite_output_dir"] * overwrite)]
+            str(out), "--max_train_steps", "1", "--block_size", "128", *(["--overwrite_output_dir"] * overwrite)]
     with pytest.raises(checkpoint.OutputDirError) as error:
         train.main(argv)
     message = str(error.value)
@@ -229,7 +260,7 @@ def test_a_fine_tune_without_output_dir_writes_a_new_folder_named_after_the_base
     shutil.copytree(workspace / "base", base)
     before = snapshot(base)
     train.main(["--model_name_or_path", str(base), "--train_file", str(workspace / "chats.jsonl"),
-                "--max_train_steps", "1", "--block_size", "64", "--per_device_train_batch_size", "8"])
+                "--max_train_steps", "1", "--block_size", "128", "--per_device_train_batch_size", "8"])
     assert (tmp_path / "output" / "glm-skills-finetuned" / "model.safetensors").is_file()
     assert snapshot(base) == before
 
@@ -245,7 +276,7 @@ def lora_run(workspace):
 def lora_argv(workspace, out, *extra):
     return ["--model_name_or_path", str(workspace / "base"), "--train_file", str(workspace / "chats.jsonl"),
             "--output_dir", str(out), "--lora_r", "4", "--max_train_steps", "2", "--checkpointing_steps", "2",
-            "--per_device_train_batch_size", "8", "--block_size", "64", *extra]
+            "--per_device_train_batch_size", "8", "--block_size", "128", *extra]
 
 
 @pytest.mark.parametrize("change, named", [
@@ -254,7 +285,7 @@ def lora_argv(workspace, out, *extra):
     (["--train_file", "OTHER"], "data: '{chats}' in the checkpoint, '{other}' now"),
     (["--lora_r", "8"], "adapter: 'LoRA r=4 alpha=8 dropout=0.0' in the checkpoint, 'LoRA r=8 alpha=16"),
     (["--lora_r", None], "adapter: 'LoRA r=4 alpha=8 dropout=0.0' in the checkpoint, 'full' now"),
-    (["--block_size", "128"], "--block_size: 64 in the checkpoint, 128 now"),
+    (["--block_size", "96"], "--block_size: 128 in the checkpoint, 96 now"),
 ])
 def test_resume_under_other_step_settings_is_refused_naming_them(workspace, lora_run, tmp_path, change, named):
     """A step means its rows and what they update: a resume that would count steps in another batch size, train on
@@ -277,7 +308,7 @@ def test_resume_under_other_step_settings_is_refused_naming_them(workspace, lora
     assert named.format(chats=workspace / "chats.jsonl", other=other) in str(error.value)
     assert snapshot(lora_run) == before
     # The same settings resume (for more steps).
-    if change == ["--block_size", "128"]:
+    if change == ["--block_size", "96"]:
         train.main(lora_argv(workspace, lora_run, "--max_train_steps", "3", "--resume_from_checkpoint", "latest"))
         assert max(losses(lora_run)) == 3
 

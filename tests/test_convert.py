@@ -138,3 +138,117 @@ def test_a_conversion_never_writes_over_its_source_or_a_users_files(tmp_path, ca
     convert_glm.main(["--to", "native", str(src), str(occupied), "--overwrite"])
     assert json.loads((occupied / "config.json").read_text())["model_type"] == "glm"
     convert_glm.main(["--to", "code", str(src), str(src)])  # in place is what --to code is for
+
+
+def _todays_conversion(src, dst, to, max_shard_size):
+    """What convert_glm.py wrote before it streamed: the whole state dict read, converted, and saved by
+    huggingface_hub's save_torch_state_dict (the reference the streamed files must equal)."""
+    from huggingface_hub import save_torch_state_dict
+
+    state = {}
+    for file in sorted(src.glob("*.safetensors")):
+        state.update(load_file(str(file)))
+    for file in sorted(src.glob("pytorch_model*.bin")):
+        state.update(torch.load(file, map_location="cpu", weights_only=True))
+    config = json.loads((src / "config.json").read_text())
+    if to == "native":
+        glm_config = glm.ChatGLMConfig(**{k: v for k, v in config.items() if k not in ("auto_map", "architectures")})
+        converted = convert_glm.glm_to_native_state_dict(state, glm_config)
+    else:
+        converted = convert_glm.native_to_glm_state_dict(state, config["num_hidden_layers"])
+    dst.mkdir()
+    save_torch_state_dict(converted, str(dst), max_shard_size=max_shard_size, metadata={"format": "pt"})
+
+
+def _weight_files(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())
+            if p.name.startswith("model") and ".safetensors" in p.name}
+
+
+@pytest.mark.parametrize("source_format", ["safetensors", "bin"])
+def test_streamed_conversion_writes_the_files_the_whole_state_dict_gave(tmp_path, source_format):
+    """Both directions, tensor by tensor, write byte for byte the shards and index that converting the whole state
+    dict in memory wrote: several output shards, mixed dtypes (fp16 weights, fp32 norms), qkv biases."""
+    torch.manual_seed(0)
+    model = glm.ChatGLMForConditionalGeneration(tiny_config(add_qkv_bias=True)).half()
+    for name, module in model.named_modules():
+        if name.endswith("layernorm"):
+            module.float()
+    src = tmp_path / "glm"
+    if source_format == "safetensors":
+        model.save_pretrained(src, max_shard_size="30KB")
+    else:  # THUDM's layout: .bin shards
+        src.mkdir()
+        model.config.save_pretrained(src)
+        state, names = model.state_dict(), sorted(model.state_dict())
+        for number, keys in enumerate((names[:9], names[9:]), start=1):
+            torch.save({key: state[key].clone() for key in keys}, src / f"pytorch_model-0000{number}-of-00002.bin")
+    assert len(list(src.glob("*.safetensors")) or list(src.glob("*.bin"))) >= 2
+    for to, source, name in (("native", src, "native"), ("glm", tmp_path / "native", "back")):
+        convert_glm.main(["--to", to, str(source), str(tmp_path / name), "--max_shard_size", "20KB"])
+        _todays_conversion(source, tmp_path / f"{name}-reference", to, "20KB")
+        streamed, reference = _weight_files(tmp_path / name), _weight_files(tmp_path / f"{name}-reference")
+        assert len(streamed) >= 3 and "model.safetensors.index.json" in streamed
+        assert streamed.keys() == reference.keys()
+        for file in streamed:
+            assert streamed[file] == reference[file], f"{name}/{file} differs from the whole-state-dict output"
+    dtypes = {t.dtype for file in (tmp_path / "back").glob("*.safetensors") for t in load_file(str(file)).values()}
+    assert dtypes == {torch.float16, torch.float32}
+
+
+CONVERSION_MARGIN = 350 * 2**20  # above the largest shard: one output tensor (a 533 MB embedding is written
+# straight from the mapped shard), the qkv split's copies (38 MB), the tokenizer's conversion
+
+
+def _convert_in_a_process(args):
+    """convert_glm.main(args) in a fresh process: (peak RSS, RSS before converting) in bytes, from /proc (VmHWM
+    counts the mapped shards' resident pages too), with the libraries the conversion imports already imported."""
+    script = textwrap.dedent(f"""
+        import json, sys
+        sys.path.insert(0, {str(ROOT)!r})
+        import huggingface_hub, safetensors, torch, transformers
+        from transformers import GlmConfig, PreTrainedTokenizerFast
+        import configuration_glm, convert_glm, local_glm
+        def status(key):
+            line = next(l for l in open("/proc/self/status") if l.startswith(key + ":"))
+            return int(line.split()[1]) * 1024
+        before = status("VmRSS")
+        convert_glm.main({args!r})
+        print(json.dumps({{"peak": status("VmHWM"), "before": before}}))
+    """)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH="")
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    return figures["peak"], figures["before"]
+
+
+@pytest.mark.real_width
+def test_real_width_conversion_memory_is_bounded_by_the_largest_shard(real_width_folder, tmp_path):
+    """--to native and back at chatglm3-6b's width: each direction's peak RSS stays below its largest source shard
+    plus CONVERSION_MARGIN (the whole-state-dict code held the model: 1.9 GB here, 1.16-1.24x it at 28 layers),
+    the native files equal the whole-state-dict output byte for byte, and the round trip gives THUDM's tensors."""
+    src, native, back = real_width_folder, tmp_path / "native", tmp_path / "back"
+    model_bytes = sum(p.stat().st_size for p in src.glob("*.bin"))
+    for to, source, dst in (("native", src, native), ("glm", native, back)):
+        peak, before = _convert_in_a_process(["--to", to, str(source), str(dst), "--max_shard_size", "700MB"])
+        largest = max(p.stat().st_size for p in list(source.glob("*.bin")) + list(source.glob("*.safetensors")))
+        print(f"--to {to}: peak RSS {peak / 2**20:.0f} MiB, {(peak - before) / 2**20:.0f} MiB above the "
+              f"imports; largest shard {largest / 2**20:.0f} MiB, model {model_bytes / 2**20:.0f} MiB")
+        assert peak - before < largest + CONVERSION_MARGIN < model_bytes, (to, peak, before, largest)
+    _todays_conversion(src, tmp_path / "native-reference", "native", "700MB")
+    streamed, reference = _weight_files(native), _weight_files(tmp_path / "native-reference")
+    assert streamed.keys() == reference.keys() and len(streamed) >= 4
+    for file in streamed:
+        assert streamed[file] == reference[file], file
+    del streamed, reference
+    index = json.loads((back / "model.safetensors.index.json").read_text())["weight_map"]
+    original = json.loads((src / "pytorch_model.bin.index.json").read_text())["weight_map"]
+    assert set(index) == set(original) - {"transformer.rotary_pos_emb.inv_freq"}
+    from safetensors import safe_open
+
+    for file in sorted(src.glob("*.bin")):
+        for name, tensor in torch.load(file, map_location="cpu", weights_only=True, mmap=True).items():
+            if name in index:
+                with safe_open(str(back / index[name]), framework="pt") as f:
+                    assert torch.equal(f.get_tensor(name), tensor), name

@@ -18,7 +18,7 @@ def test_sft_labels_are_exactly_the_replies_and_their_stop_tokens(workspace):
     tokenizer = glm.ChatGLMTokenizer.from_pretrained(workspace / "base")
     conversation = builtin.weather_conversation(0, 0, "en", __import__("random").Random(0))
     dataset = __import__("datasets").Dataset.from_list([{"conversations": conversation}])
-    row = preprocess.tokenize_sft(dataset, tokenizer, "conversations", block_size=256)[0]  # the whole conversation
+    row = preprocess.tokenize_sft(dataset, tokenizer, "conversations", block_size=256)[0][0]  # the whole conversation
     ids, labels = row["input_ids"], row["labels"]
     assistant, user, observation = (tokenizer.get_command(f"<|{r}|>") for r in ("assistant", "user", "observation"))
     # Expected from the spec: after each <|assistant|>, everything up to and including the next stop token.
@@ -97,6 +97,14 @@ GOOD = {"conversations": [{"role": "user", "content": "hi"}, {"role": "assistant
     ("no_assistant", r"data.jsonl line 2: no assistant message"),
     ("bad_tool_call", r"data.jsonl line 2: message 1: tool call parameters must be a dict, got list"),
     ("pretrain_number", r"data.jsonl line 2: text column 'text' must be a string, got int"),
+    ("tools_not_json", r"data.jsonl line 2: column 'tools': not JSON \(Expecting value at character 0\)"),
+    ("tools_numbers", r"data.jsonl line 2: column 'tools': tools\[0\] must be a JSON object \(a function schema\), "
+                      "got int"),
+    ("mixed_columns", r"data.jsonl line 2: no conversation in column 'conversations' \(this row has 'messages': "
+                      "every row must use the same column"),
+    ("lone_surrogate", r"data.jsonl line 2 column 'conversations': a lone surrogate U\+D800 \(the escape \\ud800 "
+                       r"without its pair\) at character 2"),
+    ("image_part", r"data.jsonl line 2: message 0: content part 1 is 'image_url': only text parts"),
 ])
 def test_bad_file_or_row_is_named_before_any_write(workspace, tmp_path, case, message):
     path = tmp_path / "data.jsonl"
@@ -106,6 +114,14 @@ def test_bad_file_or_row_is_named_before_any_write(workspace, tmp_path, case, me
             "no_assistant": json.dumps({"conversations": [{"role": "user", "content": "x"}]}),
             "bad_tool_call": json.dumps({"conversations": [{"role": "user", "content": "x"}, {
                 "role": "assistant", "content": {"name": "get_weather", "parameters": ["北京"]}}]}),
+            "tools_not_json": json.dumps({**GOOD, "tools": "get_weather(city)"}),
+            "tools_numbers": json.dumps({**GOOD, "tools": [1, 2]}),
+            "mixed_columns": json.dumps({"messages": GOOD["conversations"]}),
+            "lone_surrogate": json.dumps({"conversations": [{"role": "user", "content": "ok\ud800"},
+                                                            {"role": "assistant", "content": "x"}]}),
+            "image_part": json.dumps({"conversations": [{"role": "user", "content": [
+                {"type": "text", "text": "what is this?"}, {"type": "image_url", "image_url": {"url": "a.png"}}]},
+                {"role": "assistant", "content": "x"}]}),
             }.get(case)
     if case == "invalid_utf8":
         path.write_bytes((json.dumps(GOOD) + "\n" + json.dumps(GOOD) + "\n").encode() + b'{"text": "\xff"}\n')
@@ -140,8 +156,8 @@ def test_json_strings_stay_strings_and_dict_tool_calls_train(workspace, tmp_path
     assert [sources.conversation_of(v) for v in source.splits["train"]["conversations"][:2]] == \
         [r["conversations"] for r in rows]
     tokenizer = glm.ChatGLMTokenizer.from_pretrained(workspace / "base")
-    tokenized = preprocess.tokenize_sft(source.splits["train"].select(range(2)), tokenizer, "conversations",
-                                        block_size=256)
+    tokenized, _ = preprocess.tokenize_sft(source.splits["train"].select(range(2)), tokenizer, "conversations",
+                                           block_size=256)
     for row, conversation in zip(tokenized, rows):
         assert row["input_ids"] == tokenizer.tokenize_conversation(conversation["conversations"])["input_ids"]
     texts = list(sources.conversation_texts(source.splits["train"].select(range(2))))
@@ -191,6 +207,79 @@ def test_a_local_folder_as_dataset_name_keeps_strings_and_names_the_line(tmp_pat
         data.load_rows(dataset_name=str(folder))
 
 
+def test_text_and_csv_files_are_read_as_written(tmp_path):
+    """.txt: the rows of datasets' text builder (a line each, line breaks kept), a UTF-8 byte order mark dropped.
+    .csv: every value the string the file holds (datasets' csv builder, through pandas, gives "146" as 146 and an
+    empty field as None)."""
+    import datasets
+
+    text = "first line\r\nsecond\n\n  third, no newline"
+    (tmp_path / "plain.txt").write_bytes(text.encode())
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbf" + text.encode())
+    reference = datasets.load_dataset("text", data_files=str(tmp_path / "plain.txt"), keep_linebreaks=True,
+                                      split="train")["text"]
+    for name in ("plain.txt", "bom.txt"):
+        assert sources.load_source(train_file=str(tmp_path / name)).splits["train"]["text"] == reference
+    (tmp_path / "rows.csv").write_text('text,label\n146,"a, b"\n"multi\nline",\n007,"say ""hi"""\n',
+                                       encoding="utf-8")
+    source = sources.load_source(train_file=str(tmp_path / "rows.csv"))
+    assert source.splits["train"].to_list() == [{"text": "146", "label": "a, b"}, {"text": "multi\nline", "label": ""},
+                                                {"text": "007", "label": 'say "hi"'}]
+    assert source.places["train"][1] == [f"{tmp_path / 'rows.csv'} line {n}" for n in (2, 3, 5)]
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("blank.txt", " \n\n\t\n", r"no text to train on: every row of text column 'text' in the train split \(.*blank.txt, "
+                                 r"3 rows\) is empty or whitespace"),
+    ("rows.csv", "text,label\nfine,1\nbad,2,3\n", r"rows.csv line 3: 3 fields where the header has 2 \(text, label\)"),
+    ("rows.csv", 'text\nfine\n"never closed\n', r"rows.csv line 3: malformed CSV: unexpected end of data"),
+    ("rows.csv", "text,text\na,b\n", r"rows.csv line 1: the header needs distinct, non-empty column names"),
+    ("bad.txt", None, r"bad.txt line 2: invalid UTF-8 \(byte 0xff"),
+])
+@pytest.mark.parametrize("streaming", [False, True])
+def test_bad_text_and_csv_files_are_named_before_any_write(workspace, tmp_path, name, content, message, streaming):
+    path = tmp_path / name
+    if content is None:
+        path.write_bytes(b"good\n\xff\n")
+    else:
+        path.write_text(content, encoding="utf-8")
+    out = tmp_path / "out"
+    argv = common(workspace, out, "--train_file", str(path), "--max_train_steps", "1")
+    with pytest.raises(ValueError, match=message):
+        train.main(argv + ["--streaming"] * streaming)
+    assert not out.exists()
+
+
+def _chat(reply_words):
+    return {"conversations": [{"role": "user", "content": "weather please"},
+                              {"role": "assistant", "content": " ".join(["sunny"] * reply_words)}]}
+
+
+def test_truncation_counts_what_it_cuts_and_refuses_rows_left_without_targets(workspace, tmp_path, capsys):
+    tokenizer = glm.ChatGLMTokenizer.from_pretrained(workspace / "base")
+    long = tokenizer.tokenize_conversation(_chat(40)["conversations"])
+    prompt = long["labels"].index(next(label for label in long["labels"] if label != -100))  # tokens before targets
+    path = tmp_path / "chats.jsonl"
+    write_jsonl(path, [_chat(2), _chat(40), _chat(2), _chat(30)] * 3)
+    # Every row keeps targets within 32 tokens; the long ones lose some: counted, named, and the run goes on.
+    out = tmp_path / "cut"
+    train.main(common(workspace, out, "--train_file", str(path), "--max_train_steps", "1",
+                      "--validation_split_percentage", "25"))
+    printed = capsys.readouterr().out
+    note = re.search(r"note: truncation to --block_size 32 cut (\d+) of (\d+) rows of the train split short, losing "
+                     r"(\d+) of (\d+) target tokens \(longest row: .*chats.jsonl line 2, (\d+) tokens\)", printed)
+    assert note, printed
+    assert (int(note[1]), int(note[2]), int(note[5])) == (6, 12, len(long["input_ids"]))
+    # A block that ends before the first reply: no target left, refused before anything is written.
+    out = tmp_path / "none"
+    with pytest.raises(ValueError, match=rf"12 of 12 rows of the train split keep no target token within --block_size "
+                                         rf"{prompt} \(first: .*chats.jsonl line 1, \d+ tokens\); the longest row is "
+                                         rf".*chats.jsonl line 2 with {len(long['input_ids'])} tokens"):
+        train.main(common(workspace, out, "--train_file", str(path), "--max_train_steps", "1", "--block_size",
+                          str(prompt)))
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("rows", [43, 40, 3])
 def test_every_row_is_dealt_and_any_split_of_a_step_sees_the_same_rows(rows):
     """An epoch's last, shorter step is trained, not dropped; 1 process x 8 rows, 2 x 4, 2 x 2 x 2 accumulation and
@@ -222,7 +311,8 @@ def test_train_packing_gives_the_padded_runs_loss_sum_and_target_count():
 
     rows, _ = builtin.skill_splits(n_train=24, n_heldout=2, seed=3)
     tokenizer = glm.tokenization.train_glm_tokenizer(list(sources.conversation_texts(rows)), vocab_size=500)
-    tokenized = preprocess.tokenize_sft(datasets.Dataset.from_list(rows), tokenizer, "conversations", block_size=96)
+    tokenized, _ = preprocess.tokenize_sft(datasets.Dataset.from_list(rows), tokenizer, "conversations",
+                                           block_size=96)
     packed = preprocess.pack_sft(tokenized, block_size=96)
     assert len(packed) < len(tokenized) and max(len(r) for r in packed["input_ids"]) <= 96
     assert sum(len(r) for r in packed["input_ids"]) == sum(len(r) for r in tokenized["input_ids"])

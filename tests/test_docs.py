@@ -135,6 +135,26 @@ def fresh_shell_env(tmp_path):
     return env
 
 
+def test_a_second_first_run_waits_for_the_setup_in_progress(tmp_path):
+    """Two first runs at once (scripts/main.sh and scripts/test.sh in two terminals): the second waits on the
+    environment's lock, then enters what the first made instead of removing it mid-install."""
+    env = {**fresh_shell_env(tmp_path), "GLM_VENV_ROOT": str(tmp_path / "venvs")}
+    venv = subprocess.run(["python3", "scripts/venv_path.py", "requirements-test.txt"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, check=True).stdout.strip()
+    assert venv.startswith(str(tmp_path / "venvs")) and re.search(r"-tf\d+\.\d+", venv)  # keyed by the release
+    (tmp_path / "venvs").mkdir()
+    # The first run: holds the lock while it "installs", then leaves a finished environment.
+    first = subprocess.Popen(["bash", "-c", f'exec 9>"{venv}.lock"; flock 9; echo locked; sleep 3; '
+                              f'mkdir -p "{venv}/bin"; echo "export VIRTUAL_ENV={venv} MADE_BY_FIRST=1" > '
+                              f'"{venv}/bin/activate"; touch "{venv}/.complete"'], stdout=subprocess.PIPE, text=True)
+    assert first.stdout.readline() == "locked\n"
+    second = subprocess.run(["bash", "-c", 'source scripts/env.sh; echo "$VIRTUAL_ENV $MADE_BY_FIRST"'], cwd=ROOT,
+                            env=env, capture_output=True, text=True, timeout=60)
+    assert first.wait() == 0
+    assert "waiting for another setup" in second.stderr and "setting up" not in second.stderr, second.stderr
+    assert second.stdout.strip() == f"{venv} 1"
+
+
 def documented(path, prefix):
     """The documented command line that starts with `prefix`, split as a shell splits it (comment dropped)."""
     line = next(c for name, c in shell_commands() if name == path and c.startswith(prefix))
@@ -160,7 +180,7 @@ def test_documented_small_data_fine_tune_runs_as_printed(skills_folder):
     before = {p: p.read_bytes() for p in (root / "output" / "glm-skills").iterdir()}
     command = documented("README.md", "bash scripts/train.sh --model_name_or_path output/glm-skills")
     command[1] = str(ROOT / command[1])
-    result = subprocess.run(command + ["--block_size", "64"], cwd=root, env=fresh_shell_env(root),
+    result = subprocess.run(command + ["--block_size", "128"], cwd=root, env=fresh_shell_env(root),
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (root / "output" / "glm-skills-finetuned" / "model.safetensors").is_file()

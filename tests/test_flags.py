@@ -29,6 +29,16 @@ def test_bad_flag_is_refused_at_parse_time(given, named, capsys):
     assert named in capsys.readouterr().err
 
 
+def test_push_to_hub_while_offline_is_refused_before_anything_runs(capsys):
+    from huggingface_hub import constants
+
+    assert constants.HF_HUB_OFFLINE  # conftest.py sets HF_HUB_OFFLINE=1, as scripts/run.sh does
+    with pytest.raises(SystemExit) as exit_info:
+        flags.parse_args(["--train_file", "x.txt", "--config_name", "tiny", "--push_to_hub"])
+    assert exit_info.value.code == 2
+    assert "--push_to_hub uploads to the Hub, but HF_HUB_OFFLINE is set" in capsys.readouterr().err
+
+
 def test_min_tokenizer_vocab_matches_the_tokenizer():
     tokenization = glm.tokenization
     assert flags.MIN_TOKENIZER_VOCAB == len(tokenization.GLM3_RESERVED_PIECES) + len(tokenization.GLM3_CONTROL_TOKENS) + 1

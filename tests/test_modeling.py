@@ -1,7 +1,9 @@
 """The GLM model against the original code's golden outputs, transformers' native GlmForCausalLM and the spec."""
 
+import copy
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -310,6 +312,31 @@ def test_published_configs_load_and_save_back_with_original_keys(name, tmp_path)
     assert config.num_key_value_heads == original["multi_query_group_num"]
     assert config.head_dim == original["kv_channels"]
     assert config.rope_ratio == original.get("rope_ratio", 1)
+
+
+@pytest.mark.parametrize("loaded_from, eos, saved", [
+    ("", 2, "THUDM/chatglm3-6b tokenizer format"),  # built in memory (from scratch)
+    ("THUDM/chatglm3-6b", 2, "THUDM/chatglm3-6b"),  # the Hub id llama.cpp looks for: kept
+    ("THUDM/chatglm3-6b-32k", [2, 64795, 64797], "THUDM/chatglm3-6b-32k"),
+    ("THUDM/chatglm2-6b", 2, "THUDM/chatglm3-6b tokenizer format"),  # ChatGLM3 format, another Hub id
+    ("LOCAL", 2, "THUDM/chatglm3-6b tokenizer format"),  # a local folder: never its path
+    ("THUDM/glm-4-9b-chat", [151329, 151336, 151338], "THUDM/glm-4-9b-chat"),  # GLM-4: its Hub id, as before
+    ("LOCAL", [151329, 151336, 151338], None),
+])
+def test_saved_config_names_what_llama_cpp_reads(loaded_from, eos, saved, tmp_path):
+    """transformers (4.57 and 5.x) drops _name_or_path from a saved config.json; ours records the name llama.cpp's
+    converter chooses ChatGLM3's SentencePiece vocabulary by (docs/architecture.md section 8), on every save."""
+    local = tmp_path / "some" / "THUDM" / "chatglm3-6b"  # a local path, even one that contains the string
+    local.mkdir(parents=True)
+    config = glm.ChatGLMConfig(eos_token_id=eos, name_or_path=str(local) if loaded_from == "LOCAL" else loaded_from)
+    config.save_pretrained(tmp_path / "saved")
+    written = json.loads((tmp_path / "saved" / "config.json").read_text())
+    assert written.get("_name_or_path") == saved
+    assert str(tmp_path) not in json.dumps(written)
+    assert config.to_dict()["_name_or_path"] == config.name_or_path  # in memory unchanged (TRL reads it)
+    again = glm.ChatGLMConfig.from_pretrained(tmp_path / "saved")
+    again.save_pretrained(tmp_path / "again")  # saved again: the same name
+    assert json.loads((tmp_path / "again" / "config.json").read_text()).get("_name_or_path") == saved
 
 
 def test_chatglm3_6b_on_meta_has_published_keys_shapes_and_size():
@@ -648,6 +675,24 @@ def _short_checkpoint(folder: Path, config_layers: int, keep_layers: int):
     return model
 
 
+@pytest.mark.parametrize("name", ["model.safetensors", "tokenizer.json"])
+def test_a_truncated_file_is_named(workspace, tmp_path, name):
+    """A copy or download cut short: the libraries' errors ("incomplete metadata", "Expecting property name") name
+    no file; ours name it. The whole folder loads, so the check cannot misfire."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = tmp_path / "model"
+    shutil.copytree(workspace / "base", folder)
+    AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+    AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+    data = (folder / name).read_bytes()
+    (folder / name).write_bytes(data[:len(data) // 2])
+    load = AutoTokenizer.from_pretrained if name == "tokenizer.json" else AutoModelForCausalLM.from_pretrained
+    with pytest.raises(OSError, match=re.escape(str(folder / name)) + r" is (truncated|damaged).*copy or download it "
+                       "again"):
+        load(folder, trust_remote_code=True)
+
+
 def test_checkpoint_with_fewer_layers_than_config_is_refused(workspace, tmp_path):
     base = tmp_path / "short"
     _short_checkpoint(base, config_layers=4, keep_layers=2)
@@ -660,7 +705,7 @@ def test_checkpoint_with_fewer_layers_than_config_is_refused(workspace, tmp_path
     before = snapshot(out)
     with pytest.raises(ValueError, match="transformer.encoder.layers.3"):
         train.main(["--model_name_or_path", str(base), "--train_file", str(workspace / "chats.jsonl"),
-                    "--output_dir", str(out), "--max_train_steps", "1", "--block_size", "64",
+                    "--output_dir", str(out), "--max_train_steps", "1", "--block_size", "128",
                     "--overwrite_output_dir"])
     assert snapshot(out) == before  # even with --overwrite_output_dir: nothing goes before the model is built
     # New heads stay allowed: a P-tuning prefix added to a base model, a classifier on a causal-LM checkpoint.
@@ -669,3 +714,31 @@ def test_checkpoint_with_fewer_layers_than_config_is_refused(workspace, tmp_path
     model = glm.ChatGLMForConditionalGeneration.from_pretrained(ok, pre_seq_len=3)
     assert model.transformer.prefix_encoder is not None
     assert glm.ChatGLMForSequenceClassification.from_pretrained(ok, num_labels=2).classifier_head.out_features == 2
+
+
+def test_half_precision_on_a_cpu_says_once_which_dtype_is_faster():
+    """dtype="auto" gives a published checkpoint's fp16; on a CPU the first forward of an fp16 or bf16 model says
+    (once per model) that float32 or llama.cpp is faster there; float32 says nothing."""
+    import logging
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    modeling.logger.addHandler(handler)
+    try:
+        torch.manual_seed(0)
+        model = glm.ChatGLMForConditionalGeneration(tiny_config()).eval()
+        ids = torch.randint(3, 128, (1, 5))
+        with torch.no_grad():
+            model(ids)
+            assert records == []
+            for dtype, name in ((torch.float16, "float16"), (torch.bfloat16, "bfloat16")):
+                half = copy.deepcopy(model).to(dtype)
+                half(ids)
+                half.generate(ids, max_new_tokens=2, do_sample=False)
+                said = [record.getMessage() for record in records]
+                assert len(said) == 1 and said[0].startswith(f"GLM runs in {name} on the CPU"), said
+                assert "dtype=torch.float32" in said[0] and "llama.cpp" in said[0]
+                records.clear()
+    finally:
+        modeling.logger.removeHandler(handler)

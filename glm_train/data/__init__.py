@@ -87,6 +87,7 @@ class Splits:
     validation: object
     train_collate: Collator
     eval_collate: Collator
+    truncation: str = None  # how many rows truncation to block_size cut short, for the run's log
 
 
 def tokenize(rows: Rows, tokenizer, *, block_size: int, validation_split_percentage=5, seed=42, num_proc=None,
@@ -99,12 +100,14 @@ def tokenize(rows: Rows, tokenizer, *, block_size: int, validation_split_percent
                          "already packed into blocks)")
     common = dict(block_size=block_size, validation_split_percentage=validation_split_percentage, seed=seed,
                   num_proc=num_proc, streaming=streaming)
+    truncation = None
     with (main_process_first or contextlib.nullcontext)():
         if rows.mode == "pretrain":
             columns = _train_columns(rows.train, streaming)
             splits = preprocess.tokenize_pretraining(rows.source.splits, columns, tokenizer, rows.column, **common)
         else:
-            splits = preprocess.tokenize_conversations(rows.source.splits, tokenizer, rows.column, **common)
+            splits, truncation = preprocess.tokenize_conversations(rows.source.splits, tokenizer, rows.column,
+                                                                   places=rows.source.places, **common)
     train, validation = splits["train"], splits["validation"]
     if not streaming:
         _check_trainable(train, rows.mode, block_size)
@@ -116,8 +119,8 @@ def tokenize(rows: Rows, tokenizer, *, block_size: int, validation_split_percent
     collate = Collator(tokenizer.pad_token_id)
     if packing:
         return Splits(preprocess.pack_sft(train, block_size), validation, PackedCollator(tokenizer.pad_token_id),
-                      collate)
-    return Splits(train, validation, collate, collate)
+                      collate, truncation)
+    return Splits(train, validation, collate, collate, truncation)
 
 
 def _check_trainable(train, mode, block_size):

@@ -49,30 +49,68 @@ def tokenize_pretraining(raw, columns, tokenizer, text_column: str, block_size: 
 
 
 def tokenize_conversations(raw, tokenizer, conversations_column: str, block_size: int,
-                           validation_split_percentage: int, seed: int, num_proc=None, streaming=False):
-    """{"train", "validation"} rows of one conversation each (input_ids, labels), at most `block_size` tokens."""
+                           validation_split_percentage: int, seed: int, num_proc=None, streaming=False, places=None):
+    """{"train", "validation"} rows of one conversation each (input_ids, labels), at most `block_size` tokens, and
+    a notice of the rows truncation cut short (None if none); `places` ({split: (rows, labels)}) names them."""
     import datasets
 
-    tokenized = {name: tokenize_sft(raw[name], tokenizer, conversations_column, block_size, num_proc, streaming)
-                 for name in raw}
+    tokenized, notices = {}, []
+    for name in raw:
+        tokenized[name], notice = tokenize_sft(raw[name], tokenizer, conversations_column, block_size, num_proc,
+                                               streaming, (places or {}).get(name, (None, None))[1], name)
+        notices += [notice] if notice else []
     kind = datasets.IterableDatasetDict if streaming else datasets.DatasetDict
-    return carve_validation(kind(tokenized), validation_split_percentage, seed)
+    return carve_validation(kind(tokenized), validation_split_percentage, seed), "\n".join(notices) or None
 
 
-def tokenize_sft(dataset, tokenizer, conversations_column: str, block_size: int, num_proc=None, streaming=False):
-    """input_ids and labels (-100 outside assistant replies) per conversation, truncated to block_size."""
+def tokenize_sft(dataset, tokenizer, conversations_column: str, block_size: int, num_proc=None, streaming=False,
+                 labels=None, split="train"):
+    """input_ids and labels (-100 outside assistant replies) per conversation, truncated to block_size, and a
+    notice of how many rows truncation cost target tokens (None if none). A row that would keep no target at all is
+    refused, naming --block_size and the longest row (`labels[i]` names row i; a stream: at the row)."""
+
+    def where(index):
+        return labels[index] if labels else f"{split} split row {index}"
 
     def tokenize(row, index):
         try:
             messages = sources.conversation_of(row[conversations_column])
-            encoded = tokenizer.tokenize_conversation(messages, max_length=block_size, tools=sources.row_tools(row))
+            encoded = tokenizer.tokenize_conversation(messages, tools=sources.row_tools(row))
         except (ValueError, KeyError, TypeError) as error:
-            raise InputError(f"malformed conversation in row {index}: {error}") from None
+            raise InputError(f"malformed conversation in {where(index)}: {error}") from None
         sources.check_conversation(messages, index)
-        return {"input_ids": encoded["input_ids"], "labels": encoded["labels"]}
+        ids, targets = encoded["input_ids"], encoded["labels"]
+        kept = sum(label != batches.IGNORE_INDEX for label in targets[:block_size])
+        lost = sum(label != batches.IGNORE_INDEX for label in targets[block_size:])
+        if streaming and lost and not kept:
+            raise InputError(_no_target_left(where(index), len(ids), block_size))
+        return {"input_ids": ids[:block_size], "labels": targets[:block_size], "length": len(ids), "lost": lost,
+                "kept": kept}
 
     kwargs = {} if streaming else {"num_proc": num_proc, "desc": "tokenizing conversations"}
-    return dataset.map(tokenize, with_indices=True, remove_columns=dataset.column_names, **kwargs)
+    tokenized = dataset.map(tokenize, with_indices=True, remove_columns=dataset.column_names, **kwargs)
+    if streaming:
+        return tokenized.remove_columns(["length", "lost", "kept"]), None
+    lengths, lost, kept = tokenized["length"], tokenized["lost"], tokenized["kept"]
+    longest = max(range(len(lengths)), key=lengths.__getitem__, default=None)
+    empty = [i for i in range(len(lost)) if lost[i] and not kept[i]]
+    if empty:
+        raise InputError(f"{len(empty)} of {len(lost)} rows of the {split} split keep no target token within "
+                         f"--block_size {block_size} (first: {where(empty[0])}, {lengths[empty[0]]} tokens); "
+                         f"{_no_target_left(where(longest), lengths[longest], block_size, longest_row=True)}")
+    cut = sum(1 for count in lost if count)
+    notice = None
+    if cut:
+        notice = (f"note: truncation to --block_size {block_size} cut {cut} of {len(lost)} rows of the {split} split "
+                  f"short, losing {sum(lost)} of {sum(lost) + sum(kept)} target tokens (longest row: "
+                  f"{where(longest)}, {lengths[longest]} tokens)")
+    return tokenized.remove_columns(["length", "lost", "kept"]), notice
+
+
+def _no_target_left(place, length, block_size, longest_row=False):
+    return (f"{'the longest row is ' if longest_row else ''}{place} with {length} tokens"
+            f"{'' if longest_row else f', which keeps no target token within --block_size {block_size}'}: raise "
+            f"--block_size (at most the model's seq_length) or shorten the conversations")
 
 
 # Pretraining texts are tokenized in pieces of at most this many characters, so the memory of tokenizing (about 40

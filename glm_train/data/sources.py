@@ -11,6 +11,7 @@ Two modes, from the columns: pretraining (a text column) and SFT (a conversation
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 
 from ..errors import InputError
@@ -27,9 +28,23 @@ def conversation_texts(rows, column: str = "conversations"):
 
 
 def row_tools(row):
-    """A row's `tools` column (TRL's convention: a list, or its JSON text), or None."""
+    """A row's `tools` column (TRL's convention: a list of tool descriptions, or its JSON text), or None. Raises
+    ValueError for text that is not JSON, or a value that is no list of JSON objects."""
     tools = row.get("tools")
-    return json.loads(tools) if isinstance(tools, str) else _drop_nulls(tools)
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError as error:
+            raise InputError(f"not JSON ({error.msg} at character {error.pos}): {tools!r:.60}") from None
+    tools = _drop_nulls(tools)
+    if tools is not None:
+        if not isinstance(tools, list):
+            raise InputError(f"expected a list of tool descriptions, got {type(tools).__name__}: {tools!r:.60}")
+        for number, tool in enumerate(tools):
+            if not isinstance(tool, dict):
+                raise InputError(f"tools[{number}] must be a JSON object (a function schema), got "
+                                 f"{type(tool).__name__}: {tool!r:.40}")
+    return tools
 
 
 def _chat_parts(row, column, index):
@@ -60,6 +75,58 @@ def data_files_builder(paths):
     return kinds.pop()
 
 
+def _read_utf8(path):
+    """A file's text: UTF-8 (a byte order mark dropped), invalid bytes refused naming the line and offset."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise InputError(f"{path} line {line}: invalid UTF-8 (byte {data[error.start]:#04x} at offset "
+                         f"{error.start}); the file must be UTF-8") from None
+    return text[1:] if text.startswith("\ufeff") else text
+
+
+def read_text_rows(path):
+    """Rows of a .txt file, one per line with its line break ({"text": line}), as datasets' text builder makes them
+    (split at \\n after universal newlines), read as UTF-8 with a byte order mark dropped. Returns (rows, labels)."""
+    text = _read_utf8(path).replace("\r\n", "\n").replace("\r", "\n")
+    lines = re.findall(r"[^\n]*\n|[^\n]+$", text)
+    return [{"text": line} for line in lines], [f"{path} line {number}" for number in range(1, len(lines) + 1)]
+
+
+def read_csv_rows(path):
+    """Rows of a .csv file with a header line: every value a string as written (datasets' csv builder, through
+    pandas, turns "146" into 146 and empty fields into None). A row whose field count differs from the header's,
+    or broken quoting, is refused naming the file and 1-based line. Returns (rows, labels)."""
+    import csv
+    import io
+
+    reader = csv.reader(io.StringIO(_read_utf8(path), newline=""), strict=True)
+    rows, labels, header = [], [], None
+    line = 1
+    try:
+        for record in reader:
+            start, line = line, reader.line_num + 1
+            if header is None:
+                header = record
+                if len(set(header)) != len(header) or not all(header):
+                    raise InputError(f"{path} line {start}: the header needs distinct, non-empty column names, got "
+                                     f"{header}")
+                continue
+            if not record:
+                continue
+            if len(record) != len(header):
+                raise InputError(f"{path} line {start}: {len(record)} fields where the header has {len(header)} "
+                                 f"({', '.join(header)}); quote fields that hold commas")
+            rows.append(dict(zip(header, record)))
+            labels.append(f"{path} line {start}")
+    except csv.Error as error:
+        raise InputError(f"{path} line {reader.line_num}: malformed CSV: {error}") from None
+    return rows, labels
+
+
 def read_json_rows(path):
     """Rows of a .json / .jsonl file as written: strings stay strings, numbers numbers (datasets' json builder
     gives a column whose type varies across rows a Json feature and decodes every value: '"quoted"' -> quoted,
@@ -69,17 +136,7 @@ def read_json_rows(path):
     Raises ValueError naming the file and line for invalid UTF-8, a malformed line or a row that is not an object.
     """
     name = path
-    with open(path, "rb") as f:
-        data = f.read()
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as error:
-        line = data.count(b"\n", 0, error.start) + 1
-        raise InputError(f"{path} line {line}: invalid UTF-8 (byte {data[error.start]:#04x} at offset "
-                         f"{error.start}); the file must be UTF-8") from None
-    del data
-    if text.startswith("\ufeff"):
-        text = text[1:]  # a UTF-8 byte order mark
+    text = _read_utf8(path)
     if path.lower().endswith(".json") and text.lstrip().startswith("["):
         try:
             rows = json.loads(text)
@@ -100,18 +157,44 @@ def read_json_rows(path):
     for row, label in zip(rows, labels):
         if not isinstance(row, dict):
             raise InputError(f"{label}: expected a JSON object (one row), got {type(row).__name__}")
+    if _SURROGATE_ESCAPE.search(text):  # only \\uD800-\\uDFFF escapes can make one; a valid pair is one character
+        for row, label in zip(rows, labels):
+            _check_surrogates(row, label)
     return rows, labels
 
 
-def _json_dataset(paths):
-    """A Dataset of JSON files' rows: str values as they are, any other value as its JSON text (Arrow cannot
-    hold values whose type varies across rows; conversation_of decodes it again). Returns it with (rows as read,
-    their places)."""
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def _check_surrogates(value, label, key=None):
+    """Refuse a lone surrogate anywhere in a row (docs/tokenizer.md: it is no character and UTF-8 cannot hold it)."""
+    if isinstance(value, str):
+        match = re.search("[\ud800-\udfff]", value)
+        if match:
+            raise InputError(f"{label}{f' column {key!r}' if key else ''}: a lone surrogate U+{ord(match.group()):04X} "
+                             f"(the escape \\u{ord(match.group()):04x} without its pair) at character {match.start()}: "
+                             "not a character; fix or drop it in the file")
+    elif isinstance(value, dict):
+        for name, item in value.items():
+            _check_surrogates(name, label, key)
+            _check_surrogates(item, label, key or name)
+    elif isinstance(value, list):
+        for item in value:
+            _check_surrogates(item, label, key)
+
+
+READERS = {"json": read_json_rows, "text": read_text_rows, "csv": read_csv_rows}
+
+
+def _local_dataset(paths, read_rows):
+    """A Dataset of local files' rows (read by `read_rows`): str values as they are, any other value as its JSON text
+    (Arrow cannot hold values whose type varies across rows; conversation_of decodes it again). Returns it with
+    (rows as read, their places)."""
     import datasets
 
     rows, labels = [], []
     for path in paths:
-        more, places = read_json_rows(path)
+        more, places = read_rows(path)
         rows += more
         labels += places
     if not rows:
@@ -163,12 +246,11 @@ def load_source(dataset_name=None, dataset_config_name=None, train_file=None, va
         if os.path.isfile(path) and os.path.getsize(path) == 0:
             raise InputError(f"empty dataset: {path} is empty")
     builder = data_files_builder([p for paths in files.values() for p in paths])
-    if builder != "json":
-        kwargs = {"keep_linebreaks": True} if builder == "text" else {}
-        return Source(_with_train(datasets.load_dataset(builder, data_files=files, streaming=streaming, **kwargs)))
+    if builder not in READERS:  # parquet: typed columns, read by datasets
+        return Source(_with_train(datasets.load_dataset(builder, data_files=files, streaming=streaming)))
     splits, places = {}, {}
     for split, paths in files.items():
-        splits[split], places[split] = _json_dataset(paths)
+        splits[split], places[split] = _local_dataset(paths, READERS[builder])
     raw = datasets.DatasetDict(splits)
     if streaming:
         raw = datasets.IterableDatasetDict({k: v.to_iterable_dataset() for k, v in raw.items()})
@@ -200,6 +282,7 @@ def check_rows(source: Source, mode: str, text_column: str, conversations_column
             rows, labels = dataset.select_columns([c for c in (column, "tools") if c in dataset.column_names]), None
         total = len(labels) if labels else len(dataset)
         count = total if max_rows is None or split != "train" else min(max_rows, total)
+        any_text = False
         for index, row in zip(range(count), rows):
             value = row.get(column)
             where = labels[index] if labels else f"{split} split row {index}"
@@ -207,11 +290,29 @@ def check_rows(source: Source, mode: str, text_column: str, conversations_column
                 if not isinstance(value, str):
                     raise InputError(f"{where}: text column {column!r} must be a string, got "
                                      f"{type(value).__name__}: {value!r:.80}")
-            else:
-                try:
-                    check_messages(conversation_of(value), row_tools(row))
-                except ValueError as error:
-                    raise InputError(f"malformed conversation in {where}: {error}") from None
+                any_text = any_text or not value.isspace() and value != ""
+                continue
+            if value is None:
+                other = next((name for name in CONVERSATION_COLUMNS if name != column and row.get(name) is not None),
+                             None)
+                raise InputError(f"{where}: no conversation in column {column!r}"
+                                 + (f" (this row has {other!r}: every row must use the same column; see "
+                                    "--conversations_column)" if other else ""))
+            try:
+                tools = row_tools(row)
+            except ValueError as error:
+                raise InputError(f"{where}: column 'tools': {error}") from None
+            try:
+                check_messages(conversation_of(value), tools)
+            except ValueError as error:
+                raise InputError(f"malformed conversation in {where}: {error}") from None
+        if mode == "pretrain" and count and not any_text:
+            files = _PLACE.sub("", labels[0]) + ", " if labels else ""
+            raise InputError(f"no text to train on: every row of text column {column!r} in the {split} split "
+                             f"({files}{count} rows) is empty or whitespace")
+
+
+_PLACE = re.compile(r" (line|row) \d+$")  # "data.jsonl line 7" -> "data.jsonl"
 
 
 def check_messages(messages, tools=None):
