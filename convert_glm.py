@@ -415,7 +415,7 @@ def write_native_tokenizer(src: Path, dst: Path, seq_length: int) -> None:
         unk_token=ours.unk_token, padding_side="left", chat_template=ours.chat_template, model_max_length=seq_length,
         clean_up_tokenization_spaces=False, split_special_tokens=False,
     )
-    # The response-parsing schema (transformers >= 5.24 saves it), so transformers serve returns tool_calls.
+    # The response-parsing schema (transformers 5.25 saves it; 4.57 has none), so servers return tool_calls.
     plain.response_template = getattr(ours, "response_template", None)
     plain.save_pretrained(str(dst))
     config_file = dst / "tokenizer_config.json"

@@ -210,9 +210,16 @@ def response_template(glm4=False):
         {'role': 'assistant', 'tool_calls': [{'type': 'function', 'function': {'name': 'get_weather',
          'arguments': {'city': '北京'}}}]}
     """
+    stops = ["<|endoftext|>" if glm4 else "</s>", "<|user|>", "<|observation|>"]  # stop_token_ids, when kept
     if glm4:
-        arguments = {"content": "json"}
+        # The JSON object, also inside a ``` fence (as parse_tool_call takes it); text that is no JSON comes back as
+        # the arguments string, as OpenAI's API may return it, rather than failing the whole reply.
+        # (Either a fence line or the first character of the JSON decides the opening, so that a stream never
+        # commits to "no fence" before it has seen which.)
+        opening, stops = _NAME_LINE + r"(?:[ \t]*```[^\n]*\n|(?=\s*[^`\s]))", stops + ["```"]
+        arguments = {"content": "json", "content_args": {"allow_non_json": True}}
     else:
+        opening = _NAME_LINE
         # tool_call(a=1, b="x") inside a ```python fence: each key=value pair, each value JSON (a Python literal
         # that is also JSON), True/False, None, or a single-quoted string without escapes.
         tag = r"(?<=tool_call\(\s*|,\s*)(?P<key>[A-Za-z_]\w*)\s*=\s*(?:(?P<kind>None)\b(?=\s*[,)])|" + _PY_VALUE + ")"
@@ -222,14 +229,13 @@ def response_template(glm4=False):
             "value_parser_by": {"group": "kind", "parsers": {
                 "None": None, "True": {"name": "bool"}, "False": {"name": "bool"},
                 "'": {"name": "json", "args": {"string_delims": [["'", "'"]], "allow_non_json": True}}}}}}
-    stops = ["<|endoftext|>" if glm4 else "</s>", "<|user|>", "<|observation|>"]  # stop_token_ids, when kept
     return {
         "start_anchor": "<|assistant|>",
         "defaults": {"role": "assistant"},
         "fields": {
-            "content": {"open_pattern": _CONTENT_OPEN, "close": stops, "content": "text"},
+            "content": {"open_pattern": _CONTENT_OPEN, "close": stops[:3], "content": "text"},
             "tool_calls": {
-                "open_pattern": _NAME_LINE, "close": stops, "repeats": True, **arguments,
+                "open_pattern": opening, "close": stops, "repeats": True, **arguments,
                 "transform": {"type": "function", "function": {"name": "{function}", "arguments": "{content}"}},
             },
         },
@@ -714,7 +720,7 @@ class ChatGLMTokenizer(PreTrainedTokenizerFast):
                 setattr(self, f"{name}_token", "<|endoftext|>" if self.is_glm4 else "<s>")
         if self.chat_template is None:
             self.chat_template = chat_template(self.is_glm4)
-        # transformers >= 5.24 reads and saves it (4.57 has no response parsing: the attribute is then unused).
+        # transformers 5.25 reads and saves it (4.57 has no response parsing: the attribute is then unused).
         if getattr(self, "response_template", None) is None:
             self.response_template = response_template(self.is_glm4)
         self._specials = {token.content: i for i, token in self.added_tokens_decoder.items() if token.special}

@@ -54,10 +54,12 @@ def tiny_config(**overrides):
 
 
 def train_to_replay(conversations, tokenizer, config, steps, stop_loss):
-    """A GLM trained on `conversations` until greedy decoding replays them (loss under `stop_loss`, or `steps`)."""
+    """A GLM trained on `conversations` until greedy decoding replays them (loss under `stop_loss`, or `steps`).
+    A conversation is a message list, or a (messages, tools) pair rendered with `tools=` as a server does."""
     import torch
 
-    rows = [tokenizer.tokenize_conversation(conversation) for conversation in conversations]
+    pairs = [item if isinstance(item, tuple) else (item, None) for item in conversations]
+    rows = [tokenizer.tokenize_conversation(messages, tools=tools) for messages, tools in pairs]
     torch.manual_seed(0)
     model = glm.ChatGLMForConditionalGeneration(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)

@@ -2,7 +2,12 @@
 environment) and tests/vllm_check.py (vLLM, in its own environment): no pytest, only the repository's code."""
 
 import json
+import os
+import socket
+import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,27 +35,43 @@ def train_served_model(folder, head_dim=8, steps=200):
     """A tiny GLM trained until greedy decoding replays served_conversations, saved in `folder` as our folder (code,
     tokenizer with its response_template, generation_config.json with every stop id). vLLM's CPU attention needs
     head_dim >= 32."""
-    import torch
+    from conftest import train_to_replay  # the test environment's (pytest)
 
     corpus = [ASK, RESULT, ANSWER, HELLO, GREETING, json.dumps(OPENAI_TOOLS, indent=4, ensure_ascii=False),
               tg.format_tool_call("get_weather", CALL)[1]]
     tokenizer = tg.train_glm_tokenizer(corpus * 20, vocab_size=400)
-    rows = [tokenizer.tokenize_conversation(messages, tools=tools) for messages, tools in served_conversations()]
     config = glm.ChatGLMConfig(num_layers=2, hidden_size=8 * head_dim, num_attention_heads=8, multi_query_group_num=2,
                                kv_channels=head_dim, ffn_hidden_size=96, padded_vocab_size=416, seq_length=512,
                                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    torch.manual_seed(0)
-    model = glm.ChatGLMForConditionalGeneration(config)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for _ in range(steps):
-        loss = sum(model(torch.tensor([row["input_ids"]]), labels=torch.tensor([row["labels"]])).loss for row in rows)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        if loss.item() < 0.02:
-            break
-    model.generation_config.eos_token_id = tokenizer.stop_token_ids
+    model = train_to_replay(served_conversations(), tokenizer, config, steps, 0.02)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return model, tokenizer
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_serve(folder, engine, port, log, engine_args=(), timeout=300, **env):
+    """`bash scripts/serve.sh folder --engine engine --port port -- engine_args`, with its output in `log`, once its
+    /health answers; raises with the log's tail if it exits or does not come up in `timeout` seconds."""
+    env = dict(os.environ, PYTHON=sys.executable, HF_HUB_OFFLINE="1", **env)
+    extra = ["--", *engine_args] if engine_args else []
+    with open(log, "w") as out:
+        server = subprocess.Popen(["bash", str(ROOT / "scripts" / "serve.sh"), str(folder), "--engine", engine,
+                                   "--port", str(port), *extra], env=env, stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
+            return server
+        except OSError:
+            if server.poll() is not None:
+                raise RuntimeError(f"serve.sh --engine {engine} exited:\n" + Path(log).read_text()[-4000:])
+            time.sleep(0.5)
+    server.terminate()
+    raise RuntimeError(f"serve.sh --engine {engine} did not come up in {timeout} s:\n" + Path(log).read_text()[-4000:])

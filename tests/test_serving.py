@@ -9,7 +9,8 @@ import pytest
 import transformers
 from conftest import glm
 
-from serving_helpers import ANSWER, ASK, CALL, GREETING, HELLO, OPENAI_TOOLS, RESULT, train_served_model
+from serving_helpers import (ANSWER, ASK, CALL, GREETING, HELLO, OPENAI_TOOLS, RESULT, free_port, start_serve,
+                             train_served_model)
 from text_helpers import ARGUMENTS, glm3, glm4, glm4_folder, sp_model  # noqa: F401  (fixtures)
 
 chat_glm = sys.modules["glm_hf.chat_glm"]
@@ -50,7 +51,12 @@ GLM4_CALLS = [
     ("{}", None),
     ('{"s": "\\"q\\" \\n 😀"}', None),
     *[(tg.format_tool_call("get_weather", arguments, glm4=True)[1], None) for arguments in ARGUMENTS],
+    ('```json\n{"city": "Paris"}\n```', None),
+    ('{"city": "北京", "days": [1, 2]}', None),
 ]
+# GLM-4 replies parse_tool_call refuses: the schema returns the text as the arguments string (OpenAI's API may send
+# arguments that are no JSON), or, for JSON that is no object, that value.
+GLM4_REFUSED = [('{"city": ', '{"city":'), ("[1, 2]", [1, 2]), ("some plain words", "some plain words")]
 CONTENTS = ["79", "你好，世界", "line one\n\nline two\n  indented", "😀𠀋 mixed 中文 text", "x = 1\n\ty = 2"]
 
 
@@ -138,6 +144,13 @@ def test_glm4_tool_calls_equal_parse_tool_call(glm4, body, difference):
     assert ours["parameters"] is not None
 
 
+@pytest.mark.parametrize("body, difference", GLM4_REFUSED)
+def test_glm4_refused_calls_come_back_as_text_arguments(glm4, body, difference):
+    message, _, closed = _parse_all_ways(glm4, "get_weather", body)
+    assert message["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": difference}
+    assert closed == message["tool_calls"] and chat_glm.parse_tool_call("get_weather", body)["error"]
+
+
 def test_tools_schema_does_not_retype_exact_values(glm3):
     """parse_response(tools=...) casts strings by the tool's JSON schema; values the schema typed exactly stay."""
     tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {
@@ -158,42 +171,16 @@ def served_folder(tmp_path_factory):
     return folder
 
 
-def _free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def transformers_server(served_folder, tmp_path_factory):
     """scripts/serve.sh --engine transformers on our folder: it converts it to native (cached) and runs
     `transformers serve` there. Yields (openai client, model name, the native folder, the script's banner)."""
-    import os
-    import subprocess
-    import time
-    import urllib.request
-
-    from conftest import ROOT
     from openai import OpenAI
 
-    cache, port = tmp_path_factory.mktemp("serve-cache"), _free_port()
+    cache, port = tmp_path_factory.mktemp("serve-cache"), free_port()
     log = tmp_path_factory.mktemp("serve-log") / "serve.log"
-    env = dict(os.environ, PYTHON=sys.executable, GLM_SERVE_CACHE=str(cache), HF_HUB_OFFLINE="1")
-    with open(log, "w") as out:
-        server = subprocess.Popen(["bash", str(ROOT / "scripts" / "serve.sh"), str(served_folder), "--engine",
-                                   "transformers", "--port", str(port)], env=env, stdout=out, stderr=subprocess.STDOUT)
+    server = start_serve(served_folder, "transformers", port, log, timeout=120, GLM_SERVE_CACHE=str(cache))
     try:
-        for _ in range(240):
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
-                break
-            except OSError:
-                assert server.poll() is None, log.read_text()
-                time.sleep(0.5)
-        else:
-            pytest.fail("transformers serve did not come up in 120 s:\n" + log.read_text())
         native = next(p for p in cache.iterdir() if p.is_dir())
         yield OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none"), str(native), native, log.read_text()
     finally:
@@ -254,3 +241,17 @@ def test_served_tool_call_then_tool_result(transformers_server):
                                             stream=True)
     calls = [call for chunk in stream if chunk.choices for call in chunk.choices[0].delta.tool_calls or []]
     assert [json.loads(call.function.arguments) for call in calls] == [CALL]
+
+
+def test_serve_script_never_falls_back_to_another_engine(served_folder, tmp_path):
+    """--engine vllm without vLLM stops with how to install it, instead of serving with transformers."""
+    import os
+    import subprocess
+
+    from conftest import ROOT
+
+    env = dict(os.environ, PYTHON=sys.executable, GLM_VLLM_ENV=str(tmp_path / "no-vllm"))
+    result = subprocess.run(["bash", str(ROOT / "scripts" / "serve.sh"), str(served_folder), "--engine", "vllm"],
+                            env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and "vLLM is not installed" in result.stderr and "install_vllm.sh" in result.stderr
+    assert "serving" not in result.stderr

@@ -16,17 +16,14 @@ Each check prints PASS or raises; the exit status is 0 only when all passed.
 
 import argparse
 import json
-import os
 import subprocess
 import sys
-import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serving_helpers import (ANSWER, ASK, CALL, GREETING, HELLO, OPENAI_TOOLS, RESULT, ROOT,  # noqa: E402
-                             train_served_model)
+from serving_helpers import (ANSWER, ASK, CALL, GREETING, HELLO, OPENAI_TOOLS, RESULT,  # noqa: E402
+                             start_serve, train_served_model)
 
 PROMPTS = [HELLO, ASK, "hello", "天气 北京 你好", "GLM"]
 
@@ -62,8 +59,9 @@ print("RESULT " + json.dumps([list(o.outputs[0].token_ids) for o in outputs]))
 
 
 def prepare(work):
-    """In the test environment (our model code needs transformers >= 5.24 or 4.57; vLLM's has 5.19): the tiny model
-    as our folder and its native conversion, and our greedy tokens for PROMPTS (expected.json)."""
+    """In the test environment (our model code runs on transformers 5.25 and 4.57; vLLM's 5.19 names
+    create_causal_mask's arguments differently): the tiny model as our folder and its native conversion, and our
+    greedy tokens for PROMPTS (expected.json)."""
     from convert_glm import convert_checkpoint
 
     model, tokenizer = train_served_model(work / "glm-tiny", head_dim=32)
@@ -86,28 +84,12 @@ def check_offline(work):
               f"({ended} ended at a stop id)", flush=True)
 
 
-def start_server(folder, port, log):
-    env = dict(os.environ, PYTHON=sys.executable, HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1")
-    server = subprocess.Popen(["bash", str(ROOT / "scripts" / "serve.sh"), str(folder), "--engine", "vllm", "--port",
-                               str(port), "--", "--max-model-len", "512", "--dtype", "float32", "--seed", "0"],
-                              env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
-    for _ in range(600):
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
-            return server
-        except OSError:
-            if server.poll() is not None:
-                raise RuntimeError("vLLM server exited:\n" + Path(log).read_text()[-4000:])
-            time.sleep(0.5)
-    server.terminate()
-    raise RuntimeError("vLLM server did not come up in 300 s:\n" + Path(log).read_text()[-4000:])
-
-
 def check_server(work, port=8123):
     from openai import OpenAI
 
     folder = work / "glm-tiny"
-    server = start_server(folder, port, work / "vllm-server.log")
+    server = start_serve(folder, "vllm", port, work / "vllm-server.log", VLLM_CPU_KVCACHE_SPACE="1",
+                         engine_args=["--max-model-len", "512", "--dtype", "float32", "--seed", "0"])
     try:
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
         name = folder.name
