@@ -231,8 +231,11 @@ def test_a_stopped_run_says_in_one_line_which_checkpoint_to_continue_from(worksp
     out = tmp_path / "out"
     argv = common(workspace, out, "--train_file", str(workspace / "train.txt"), "--max_train_steps", "100000",
                   "--per_device_train_batch_size", "8", "--checkpointing_steps", "2")
+    # As from a terminal, where Ctrl-C's SIGINT has its default action (a shell's background job, as CI may run
+    # this suite, inherits SIGINT ignored, and Python then never raises KeyboardInterrupt).
     process = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *argv], cwd=ROOT, env=ENV,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 300
     while not checkpoint.complete_checkpoints(out / "checkpoints") and time.time() < deadline:
         time.sleep(0.5)
