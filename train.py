@@ -15,7 +15,7 @@ import sys
 import time
 
 from glm_train import flags
-from glm_train.checkpoint import Checkpointer, disk_full
+from glm_train.checkpoint import Checkpointer
 from glm_train.errors import InputError, Interrupted, Refusal
 
 
@@ -39,12 +39,10 @@ def main(argv=None):
                           f"{checkpointer.last_description()}" + ("; continue with --resume_from_checkpoint "
                           "latest" if checkpointer.last else "")) from None
     except Exception as error:  # a full disk, in whichever words the writing library puts it
-        full = disk_full(error, checkpointer.output_dir)
+        full = checkpointer.disk_full(error)
         if full is None:
             raise
-        raise type(full)(f"{full}. The last complete checkpoint is {checkpointer.last_description()}" +
-                         ("; free some space, then continue with --resume_from_checkpoint latest"
-                          if checkpointer.last else "; free some space and start again")) from error
+        raise full from error
     if accelerator.is_main_process:
         print(f"done in {time.time() - started:.0f}s; the model folder is {args.output_dir}")
 

@@ -152,6 +152,10 @@ class Checkpointer:
                                 f"The last good checkpoint is {self.last_description()}; lower --learning_rate or "
                                 "check the data, then resume with --resume_from_checkpoint.")
 
+    def disk_full(self, error: BaseException):
+        """The one-line refusal for `error` if it came from a full disk under the output folder, else None."""
+        return disk_full(error, self.output_dir, self.last and str(self.last))
+
     def last_description(self) -> str:
         return str(self.last) if self.last else "none (no checkpoint was written yet)"
 
@@ -322,9 +326,10 @@ def save_checkpoint(accelerator, folder: Path, step: int, state: dict, total_lim
     return final
 
 
-def disk_full(error: BaseException, folder: Path):
-    """A DiskFull naming `folder` and the space left when `error` came from a full disk (ENOSPC anywhere in its
-    chain, or a library's own words for it, such as torch's "unexpected pos", with under 16 MiB left), else None."""
+def disk_full(error: BaseException, folder: Path, last_checkpoint: str = None):
+    """A DiskFull naming `folder`, the space left and the last complete checkpoint when `error` came from a full disk
+    (ENOSPC anywhere in its chain, or a library's own words for it, such as torch's "unexpected pos", with under
+    16 MiB left), else None."""
     import errno
 
     chain, link = [], error
@@ -338,7 +343,11 @@ def disk_full(error: BaseException, folder: Path):
     if not (any(getattr(e, "errno", None) == errno.ENOSPC for e in chain) or (free is not None and free < 16 << 20)):
         return None
     left = f"{free / 2**20:.1f} MiB left" if free is not None else "space unknown"
-    return DiskFull(f"No space left on device in {folder} ({left}; {type(error).__name__}: {str(error)[:120]})")
+    then = ("free some space, then continue with --resume_from_checkpoint latest" if last_checkpoint else
+            "free some space and start again")
+    return DiskFull(f"No space left on device in {folder} ({left}; {type(error).__name__}: {str(error)[:120]}). "
+                    f"The last complete checkpoint is {last_checkpoint or 'none (no checkpoint was written yet)'}; "
+                    f"{then}")
 
 
 def find_checkpoint(resume_from, output_dir: Path):

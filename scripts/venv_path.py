@@ -44,9 +44,13 @@ def newest_transformers(files):
         report = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--no-deps", "--ignore-installed",
                                  "-q", "--report", "-", f"transformers{transformers_spec(files)}"],
                                 capture_output=True, text=True, timeout=60)
-        return json.loads(report.stdout)["install"][0]["metadata"]["version"] if report.returncode == 0 else None
-    except (subprocess.TimeoutExpired, ValueError, LookupError):
-        return None
+        if report.returncode == 0:
+            return json.loads(report.stdout)["install"][0]["metadata"]["version"]
+        why = (report.stderr.strip().splitlines() or ["no message"])[-1]
+    except (subprocess.TimeoutExpired, ValueError, LookupError) as error:
+        why = f"{type(error).__name__}: {error}"
+    print(f"note: pip could not ask the package index for the newest transformers ({why[:200]})", file=sys.stderr)
+    return None
 
 
 def venv_path(requirements: Path, root: Path) -> Path:
@@ -59,7 +63,7 @@ def venv_path(requirements: Path, root: Path) -> Path:
     made = sorted((d for d in root.glob(f"{base}-tf*-{python}") if (d / ".complete").is_file()),
                   key=lambda d: d.stat().st_mtime, reverse=True)
     chosen = made[0] if made else root / f"{base}-tf-unknown-{python}"
-    print(f"note: the package index did not answer; using {chosen}", file=sys.stderr)
+    print(f"note: using {chosen}", file=sys.stderr)
     return chosen
 
 
