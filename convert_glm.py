@@ -263,10 +263,19 @@ _SAFETENSORS_ORDER = ("I64", "F64", "F32", "I32", "BF16", "F16", "I16", "F8_E4M3
 
 
 def _safetensors_header(file: Path) -> dict:
-    """The JSON header of a .safetensors file (8-byte little-endian length, then JSON): no tensor is read."""
+    """The JSON header of a .safetensors file (8-byte little-endian length, then JSON): no tensor is read. A file
+    shorter than its header says (a truncated copy) is refused naming it, before anything is written."""
     with open(file, "rb") as f:
         length = int.from_bytes(f.read(8), "little")
-        return json.loads(f.read(length))
+        try:
+            header = json.loads(f.read(length))
+        except ValueError as error:
+            raise ValueError(f"{file} is damaged (truncated?): its header is not JSON ({error})") from None
+    end = 8 + length + max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    if file.stat().st_size < end:
+        raise ValueError(f"{file} is truncated: {file.stat().st_size} bytes where its header needs {end}; copy or "
+                         "download it again")
+    return header
 
 
 def _read_layout(folder: Path) -> dict:

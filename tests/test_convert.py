@@ -3,6 +3,7 @@ native round trip through the command line keeps every weight."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -114,6 +115,17 @@ def test_convert_refuses_a_checkpoint_that_disagrees_with_config(tmp_path, case,
             convert_glm.main(["--to", to, str(src), str(dst)])
         assert not dst.exists()
     assert snapshot(src) == before
+
+
+def test_a_truncated_shard_is_named_before_anything_is_written(tmp_path):
+    src = tmp_path / "src"
+    glm.ChatGLMForConditionalGeneration(tiny_config()).save_pretrained(src)
+    weights = src / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])
+    dst = tmp_path / "dst"
+    with pytest.raises(ValueError, match=re.escape(str(weights)) + r" is truncated: \d+ bytes where its header needs"):
+        convert_glm.main(["--to", "native", str(src), str(dst)])
+    assert not dst.exists()
 
 
 def test_a_conversion_never_writes_over_its_source_or_a_users_files(tmp_path, capsys):
