@@ -12,10 +12,7 @@ Everything runs through `generate()`; streaming uses a `BaseStreamer` fed from a
 code.
 """
 
-import ast
-import json
 import queue
-import re
 import threading
 import warnings
 from dataclasses import dataclass
@@ -27,131 +24,7 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation.streamers import BaseStreamer
 
 from .compat_glm import CACHE_FIELD
-
-# A fenced block (```python ... ```); the closing fence may be missing when generation stopped early.
-_FENCE = re.compile(r"```[^\n]*\n(.*?)(?:```|\Z)", re.S)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Tool calls
-
-
-def _literal_tool_call(source: str) -> dict:
-    """The keyword arguments of `tool_call(a=1, b="x")`, each of which must be a Python literal."""
-    call = ast.parse(source, mode="eval").body
-    if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id == "tool_call"):
-        raise ValueError("expected a single tool_call(name=value, ...) expression")
-    if call.args:
-        raise ValueError("tool_call takes keyword arguments only")
-    parameters = {}
-    for keyword in call.keywords:
-        if keyword.arg is None:
-            raise ValueError("tool_call does not take **kwargs")
-        if keyword.arg in parameters:
-            raise ValueError(f"argument {keyword.arg!r} given twice")
-        # literal_eval takes constants and containers of constants only: no names, calls or attributes.
-        try:
-            value = ast.literal_eval(keyword.value)
-        except ValueError:
-            raise ValueError(f"argument {keyword.arg!r} is not a literal: {ast.unparse(keyword.value)[:200]}")
-        parameters[keyword.arg] = _json_value(value, keyword.arg)
-    return parameters
-
-
-def _json_value(value, where: str):
-    """`value` if it is a JSON value (dict with str keys, list, str, int, finite float, bool, None), recursively;
-    tuples become lists (a Python literal's natural spelling of a JSON array). Anything else that literal_eval
-    makes (set, bytes, complex, Ellipsis, inf from 1e999) raises ValueError naming the argument."""
-    if value is None or isinstance(value, (str, bool, int)):
-        return value
-    if isinstance(value, float):
-        if value != value or value in (float("inf"), float("-inf")):
-            raise ValueError(f"argument {where!r} is {value}, not a JSON number")
-        return value
-    if isinstance(value, (list, tuple)):
-        return [_json_value(item, f"{where}[{i}]") for i, item in enumerate(value)]
-    if isinstance(value, dict):
-        if not all(isinstance(key, str) for key in value):
-            raise ValueError(f"argument {where!r} has a non-string key: JSON object keys are strings")
-        return {key: _json_value(item, f"{where}.{key}") for key, item in value.items()}
-    raise ValueError(f"argument {where!r} is a {type(value).__name__}, not a JSON value")
-
-
-def parse_tool_call(name: str, text: str) -> dict:
-    """A tool-call reply as {"name", "parameters"}; never raises and never runs code.
-
-    `name` is the reply's first line, `text` the rest. ChatGLM3 writes the arguments as a fenced
-    `tool_call(city="北京", days=3)` whose values must be Python literals; GLM-4 writes a JSON object.
-    A call that does not parse comes back as {"name", "parameters": None, "content": text, "error": reason},
-    so the reply is never lost.
-
-    Example:
-        >>> parse_tool_call("get_weather", '```python\\ntool_call(city="北京")\\n```')
-        {'name': 'get_weather', 'parameters': {'city': '北京'}}
-        >>> parse_tool_call("get_weather", '{"city": "北京"}')
-        {'name': 'get_weather', 'parameters': {'city': '北京'}}
-    """
-    name = name.strip()
-    body = text.strip()
-    fenced = _FENCE.search(body)
-    if fenced:
-        body = fenced.group(1).strip()
-    try:
-        if body.startswith("tool_call"):
-            parameters = _literal_tool_call(body)
-        else:
-            parameters = json.loads(body, parse_constant=_reject_constant)  # NaN / Infinity are not JSON
-            if not isinstance(parameters, dict):
-                raise ValueError(f"arguments must be a JSON object, got {type(parameters).__name__}")
-    # Whatever the model wrote (deep nesting, huge numbers, bad syntax), the reply must survive.
-    except Exception as error:  # noqa: BLE001
-        return {"name": name, "parameters": None, "content": text, "error": f"{type(error).__name__}: {error}"}
-    return {"name": name, "parameters": parameters}
-
-
-def _reject_constant(name):
-    raise ValueError(f"{name} is not a JSON value")
-
-
-def _tools_enabled(history) -> bool:
-    return any(message.get("role") == "system" and message.get("tools") for message in history)
-
-
-def _process(messages, history, parse_tools):
-    history = list(history)
-    tools = parse_tools and _tools_enabled(history)
-    response = ""
-    for message in [messages] if isinstance(messages, str) else messages:
-        metadata, content = message.split("\n", 1) if "\n" in message else ("", message)
-        name = metadata.strip()
-        if not name:
-            content = content.strip()  # as the original's process_response (and what engines' users should do)
-        history.append({"role": "assistant", "metadata": metadata, "content": content})
-        if not name:
-            response = content
-        elif tools:
-            response = parse_tool_call(name, content)
-        else:
-            response = {"name": name, "content": content}
-    return response, history
-
-
-def process_response(messages, history):
-    """The reply and the history extended by it, from the assistant message(s) of one generation.
-
-    `messages` is one decoded assistant message, `metadata + "\\n" + content`, or a list of them (the model may
-    open another message with <|assistant|> before it stops). Each becomes a history item {"role": "assistant",
-    "metadata", "content"} and the reply is the last one: its content when the metadata line is empty; when it names
-    a tool and a system message declares `tools`, `parse_tool_call`'s {"name", "parameters"} dict; otherwise another
-    channel's message (ChatGLM3's code interpreter), {"name": metadata, "content": content}, as the original API.
-    A new history list is returned; the caller's is not changed.
-
-    Example:
-        >>> process_response("\\n你好", [])
-        ('你好', [{'role': 'assistant', 'metadata': '', 'content': '你好'}])
-    """
-    return _process(messages, history, parse_tools=True)
-
+from .tool_parser_glm import process_response
 
 # ---------------------------------------------------------------------------------------------------------------
 # Streaming plumbing around generate()
@@ -366,7 +239,7 @@ class ChatMixin:
                 decoder.feed(ids)
                 if decoder.metadata_done and decoder.messages != shown:  # new text to show
                     shown = list(decoder.messages)
-                    response, partial = _process(shown, history, parse_tools=False)
+                    response, partial = process_response(shown, history, parse_tools=False)
                     yield (response, partial, None) if return_past_key_values else (response, partial)
             thread.join()
             if "error" in result:

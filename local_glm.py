@@ -20,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 PACKAGE = "glm_hf"
 CODE_FILES = ("configuration_glm.py", "modeling_glm.py", "chat_glm.py", "compat_glm.py", "quantization_glm.py",
-              "tokenization_glm.py")
+              "tokenization_glm.py", "tool_parser_glm.py")
 
 
 def _load():

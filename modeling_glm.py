@@ -36,6 +36,10 @@ from .compat_glm import CACHE_FIELD, cache_of, causal_mask, pop_cache_position
 from .configuration_glm import ChatGLMConfig
 from .quantization_glm import quantize
 
+# transformers 4.57 copies into its module cache only the direct relative imports of a local folder's model file
+# (5.x follows them all; docs/architecture.md section 4): chat_glm.py's module is named here too, so 4.57 loads it.
+from .tool_parser_glm import process_response  # noqa: F401
+
 logger = logging.get_logger(__name__)
 # Said once per model when it runs in fp16/bf16 on a CPU: what docs/performance.md measured at chatglm3-6b's width
 # (28 layers extrapolated from 2 and 4) on a 2-core AVX2 CPU.

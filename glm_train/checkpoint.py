@@ -40,7 +40,7 @@ OWN_FILES = {"config.json", "generation_config.json", "model.safetensors", "mode
              "added_tokens.json", "chat_template.jinja",
              # the code files a saved folder carries (local_glm.CODE_FILES; a test keeps the two lists equal)
              "configuration_glm.py", "modeling_glm.py", "chat_glm.py", "compat_glm.py", "quantization_glm.py",
-             "tokenization_glm.py"}
+             "tokenization_glm.py", "tool_parser_glm.py"}
 OWN_SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 OWN_FOLDERS = {TOKENIZER_COPY, TOKENIZER_TEMPORARY, "adapter", "runs"}
 

@@ -18,10 +18,10 @@ from conftest import ROOT, glm, import_extra, tiny_config, train_to_replay
 from transformers import (AutoModelForCausalLM, AutoTokenizer, LogitsProcessor, LogitsProcessorList,
                           TextIteratorStreamer, pipeline)
 
-chat_glm = sys.modules["glm_hf.chat_glm"]
 quantization_glm = sys.modules["glm_hf.quantization_glm"]
-parse_tool_call = chat_glm.parse_tool_call
-process_response = chat_glm.process_response
+replies = sys.modules["glm_hf.tool_parser_glm"]
+parse_tool_call = replies.parse_tool_call
+process_response = replies.process_response
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -504,6 +504,8 @@ def test_remote_code_needs_only_torch_and_transformers():
     assert third_party == {"torch", "transformers"}
     for code in ("modeling_glm.py", "compat_glm.py", "quantization_glm.py"):
         assert set(get_imports(ROOT / code)) - set(sys.stdlib_module_names) <= {"torch", "transformers"}, code
+    # the reply parser is also vLLM's plugin: the standard library only (vLLM itself is imported inside a function)
+    assert set(get_imports(ROOT / "tool_parser_glm.py")) - set(sys.stdlib_module_names) == set()
 
 
 @pytest.mark.parametrize("body, error", [
@@ -512,15 +514,11 @@ def test_remote_code_needs_only_torch_and_transformers():
     ("tool_call(a=1e999)", "inf"), ('{"a": NaN}', "NaN"),
 ])
 def test_tool_call_parameters_are_json_values_only(body, error):
-    from glm_hf.chat_glm import parse_tool_call
-
     parsed = parse_tool_call("f", body)
     assert parsed["parameters"] is None and error in parsed["error"] and parsed["content"] == body
 
 
 def test_tool_call_tuples_become_lists():
-    from glm_hf.chat_glm import parse_tool_call
-
     parsed = parse_tool_call("f", "tool_call(a=(1, 'x'), b={'k': (None, True, 1.5)})")
     assert parsed["parameters"] == {"a": [1, "x"], "b": {"k": [None, True, 1.5]}}
     json.dumps(parsed["parameters"], allow_nan=False)  # serialisable as JSON

@@ -1,5 +1,5 @@
 """Serving (docs/serving.md): the response-parsing schema every saved tokenizer carries, read by transformers'
-`parse_response` / `get_response_parser` (text, token ids, streamed), against chat_glm.parse_tool_call and
+`parse_response` / `get_response_parser` (text, token ids, streamed), against tool_parser_glm.parse_tool_call and
 process_response; and `transformers serve` on a `convert_glm.py --to native` folder, driven by the openai client."""
 
 import json
@@ -9,55 +9,15 @@ import pytest
 import transformers
 from conftest import glm
 
-from serving_helpers import (ANSWER, ASK, CALL, GREETING, HELLO, OPENAI_TOOLS, RESULT, free_port, start_serve,
-                             train_served_model)
-from text_helpers import ARGUMENTS, glm3, glm4, glm4_folder, sp_model  # noqa: F401  (fixtures)
+from serving_helpers import (ANSWER, ASK, CALL, CONTENTS, GLM3_CALLS, GLM3_REFUSED, GLM4_CALLS, GLM4_REFUSED,
+                             GREETING, HELLO, OPENAI_TOOLS, RESULT, free_port, start_serve, train_served_model)
+from text_helpers import glm3, glm4, glm4_folder, sp_model  # noqa: F401  (fixtures)
 
-chat_glm = sys.modules["glm_hf.chat_glm"]
+replies = sys.modules["glm_hf.tool_parser_glm"]
 tg = glm.tokenization
 pytestmark = pytest.mark.skipif(transformers.__version__.startswith("4."),
                                 reason="transformers 4.57 has no response parsing (parse_response, response_template)")
 
-# ChatGLM3 tool-call bodies from tests/test_chat.py, the docs and format_tool_call, each with the arguments the
-# schema gives. `None` marks agreement with parse_tool_call; a dict marks a documented difference (docs/serving.md,
-# "What the response schema cannot express"): a value that is no JSON text and no top-level True/False/None or
-# plain single-quoted string comes back as its source text.
-GLM3_CALLS = [
-    ('```python\ntool_call(city="北京", days=3)\n```', None),
-    ("```python\ntool_call(city='北京')\n```", None),
-    ("tool_call()", None),
-    ('```python\ntool_call(symbol="10111")', None),  # closing fence cut off
-    ('```python\ntool_call(a=1, b="x,)=", c=-2.5e3, d=True, e=False, f=None, g="\\"q\\" \\\\ \\n \\u4e2d")\n```', None),
-    ('```python\ntool_call(q=["a", 1.5, {"k": 2}], o={"x": {"y": []}}, s="😀𠀋")\n```', None),
-    *[(tg.format_tool_call("get_weather", arguments)[1], None) for arguments in ARGUMENTS[:3]],
-    # Python literals that are no JSON: nested True/False/None, tuples, single-quoted keys
-    (tg.format_tool_call("get_weather", ARGUMENTS[3])[1], {"q": '["a", 1.5, {"k": False}]'}),
-    ("```python\ntool_call(x=-1.5, flags=[True, None], opts={'a': (1, 2)})\n```",
-     {"x": -1.5, "flags": "[True, None]", "opts": "{'a': (1, 2)}"}),
-    ("tool_call(a=(1, 'x'))", {"a": "(1, 'x')"}),
-    ("tool_call(s='it\\'s')", {"s": "'it\\'s'"}),
-    ("tool_call(n=0x1F)", {"n": "0x1F"}),
-]
-# Replies parse_tool_call refuses (it returns the text with an error): the schema has no error result, so the call
-# still comes back, with each value's source text; nothing is evaluated either way.
-GLM3_REFUSED = [
-    ("tool_call(x=__import__('os').system('true'))", {"x": "__import__"}),  # up to the first bracket
-    ("tool_call(x=a)", {"x": "a"}),
-    ("tool_call(a={1, 2})", {"a": "{1, 2}"}),
-]
-GLM4_CALLS = [
-    ('{"city": "北京"}', None),
-    ('{"city": "Paris", "days": 3, "metric": true, "note": null, "q": ["a", 1.5, {"k": false}]}', None),
-    ("{}", None),
-    ('{"s": "\\"q\\" \\n 😀"}', None),
-    *[(tg.format_tool_call("get_weather", arguments, glm4=True)[1], None) for arguments in ARGUMENTS],
-    ('```json\n{"city": "Paris"}\n```', None),
-    ('{"city": "北京", "days": [1, 2]}', None),
-]
-# GLM-4 replies parse_tool_call refuses: the schema returns the text as the arguments string (OpenAI's API may send
-# arguments that are no JSON), or, for JSON that is no object, that value.
-GLM4_REFUSED = [('{"city": ', '{"city":'), ("[1, 2]", [1, 2]), ("some plain words", "some plain words")]
-CONTENTS = ["79", "你好，世界", "line one\n\nline two\n  indented", "😀𠀋 mixed 中文 text", "x = 1\n\ty = 2"]
 
 
 @pytest.fixture(params=["glm3", "glm4"])
@@ -108,14 +68,14 @@ def test_every_saved_tokenizer_carries_the_response_template(tokenizer, tmp_path
 @pytest.mark.parametrize("content", CONTENTS)
 def test_content_equals_process_response(tokenizer, content):
     message, chunks, closed = _parse_all_ways(tokenizer, "", content)
-    expected, _ = chat_glm.process_response("\n" + content, [])
+    expected, _ = replies.process_response("\n" + content, [])
     assert message == {"role": "assistant", "content": expected} and not closed
     assert chunks == expected  # streamed without the format's leading "\n" (and ChatGLM3's dummy-prefix space)
 
 
 def _check_call(tokenizer, body, difference):
     message, chunks, closed = _parse_all_ways(tokenizer, "get_weather", body)
-    ours = chat_glm.parse_tool_call("get_weather", body)
+    ours = replies.parse_tool_call("get_weather", body)
     arguments = ours["parameters"] if difference is None else difference
     call = {"type": "function", "function": {"name": "get_weather", "arguments": arguments}}
     assert message == {"role": "assistant", "tool_calls": [call]} and closed == [call] and chunks == ""
@@ -148,7 +108,7 @@ def test_glm4_tool_calls_equal_parse_tool_call(glm4, body, difference):
 def test_glm4_refused_calls_come_back_as_text_arguments(glm4, body, difference):
     message, _, closed = _parse_all_ways(glm4, "get_weather", body)
     assert message["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": difference}
-    assert closed == message["tool_calls"] and chat_glm.parse_tool_call("get_weather", body)["error"]
+    assert closed == message["tool_calls"] and replies.parse_tool_call("get_weather", body)["error"]
 
 
 def test_tools_schema_does_not_retype_exact_values(glm3):

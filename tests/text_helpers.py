@@ -8,6 +8,7 @@ import shutil
 import pytest
 import torch
 from conftest import glm, reference_file, tiny_config
+from serving_helpers import ARGUMENTS
 
 from benchmarks.bench_tokenizer import mixed_text
 
@@ -85,8 +86,6 @@ TOOLS = [{"name": "get_weather", "description": "查询天气",
 # can't tell them from the real ones.
 CONTENTS = ["", " ", "  two leading", "\nnewline first", "trailing  ", "你好", "😀𠀋", "x = 1\n\ty = 2", "Aesop",
             "北京 20 度", "What is 2+2?", "a\n\nb"]
-ARGUMENTS = [{"city": "北京"}, {"city": "Paris", "days": 3, "metric": True, "note": None}, {},
-             {"q": ["a", 1.5, {"k": False}]}]
 
 
 def _content(rng, glm4):
