@@ -3,7 +3,7 @@
 # folder) with our greedy tokens, in the test environment; then vLLM's offline engine and its OpenAI server on it, in
 # vLLM's cached environment (scripts/install_vllm.sh makes it once). Not part of scripts/test.sh (vLLM pins
 # transformers <5.20); .ci/run runs it after the test suite (about 4 minutes, docs/serving.md).
-#   bash scripts/vllm_check.sh [WORKDIR] [--only offline|server]
+#   bash scripts/vllm_check.sh [WORKDIR] [--only offline|plugin|server]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 vllm_env="$(bash scripts/install_vllm.sh)"
