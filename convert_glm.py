@@ -433,13 +433,15 @@ def write_native_tokenizer(src: Path, dst: Path, seq_length: int) -> None:
     config_file.write_text(json.dumps(values, indent=2, ensure_ascii=False) + "\n")
 
 
-def convert_checkpoint(src, dst, to: str, max_shard_size="5GB") -> None:
+def convert_checkpoint(src, dst, to: str, max_shard_size="5GB", overwrite=False) -> None:
     """Convert the checkpoint folder `src` into `dst`; `to` is "native" (GlmForCausalLM) or "glm" (ours).
+    `dst` must be new or empty, or `overwrite=True` (check_destination, before anything is read or written).
 
     Tensor by tensor: at most one source shard is open and one output tensor made at a time, so the memory it takes
     is bounded by the largest source shard, not the model (tests/test_convert.py measures it at chatglm3-6b's width).
     The output is safetensors shards of at most `max_shard_size` with their index, as save_pretrained writes them."""
     src, dst = Path(src), Path(dst)
+    check_destination(src, dst, to, overwrite)
     config_dict = json.loads((src / "config.json").read_text())
     if to == "native":
         from configuration_glm import ChatGLMConfig
@@ -477,15 +479,16 @@ def convert_checkpoint(src, dst, to: str, max_shard_size="5GB") -> None:
         raise ValueError(f"--to must be 'native' or 'glm', got {to!r}")
 
 
-def adopt_code(src, dst) -> None:
+def adopt_code(src, dst, overwrite=False) -> None:
     """Put this repository's code beside a THUDM checkpoint: weights and config keys unchanged, `auto_map` in
     config.json and tokenizer_config.json pointed at our files, `vocab_size` and our chat template added when
     missing, `_name_or_path` as every saved config records it (llama.cpp reads them). `dst` may be `src` (only the
-    JSON files change)."""
+    JSON files change; another `dst` must be new or empty, or `overwrite=True`)."""
     from configuration_glm import AUTO_MAP
     from local_glm import CODE_FILES, ROOT
 
     src, dst = Path(src), Path(dst)
+    check_destination(src, dst, "code", overwrite)
     if not (src / "config.json").exists():
         raise FileNotFoundError(f"{src / 'config.json'} is missing: not a checkpoint folder")
     config = json.loads((src / "config.json").read_text())
@@ -556,18 +559,24 @@ def llama_cpp_refusals(folder) -> list:
     return reasons
 
 
-def refuse_destination(parser, src: Path, dst: Path, to: str, overwrite: bool):
-    """Before anything is read or written: a conversion never writes into its own source (a half-converted folder
-    that loads as neither model), and never over a user's files without --overwrite."""
-    source, target = src.resolve(), dst.resolve()
+class DestinationError(ValueError):
+    """A conversion's destination that it may not write as asked."""
+
+
+def check_destination(src, dst, to: str, overwrite: bool = False) -> None:
+    """Before anything is read or written (convert_checkpoint and adopt_code call it first): a conversion never writes
+    into its own source (a half-converted folder that loads as neither model), and never over a user's files without
+    overwrite (--overwrite)."""
+    source, target = Path(src).resolve(), Path(dst).resolve()
     in_place = target == source and to == "code"  # --to code changes only JSON keys and adds code files
     if not in_place and (target == source or source in target.parents):
-        parser.error(f"dst {dst} is {'src' if target == source else 'inside src'} {src}: --to {to} would write "
-                     "over the checkpoint it reads; give a new folder")
+        raise DestinationError(f"dst {dst} is {'src' if target == source else 'inside src'} {src}: --to {to} would "
+                               "write over the checkpoint it reads; give a new folder")
     held = sorted(p.name for p in target.iterdir()) if target.is_dir() else []
     if not in_place and not overwrite and held:
-        parser.error(f"dst {dst} already holds files ({', '.join(held[:5])}{' ...' * (len(held) > 5)}); give a new "
-                     "or empty folder, or --overwrite to replace files of the same names")
+        raise DestinationError(f"dst {dst} already holds files ({', '.join(held[:5])}{' ...' * (len(held) > 5)}); "
+                               "give a new or empty folder, or --overwrite (overwrite=True) to replace files of the "
+                               "same names")
 
 
 def main(argv=None):
@@ -583,11 +592,14 @@ def main(argv=None):
     parser.add_argument("--max_shard_size", default="5GB", help="--to native/glm: largest weight file written, as "
                         "save_pretrained's (default 5GB; THUDM publishes 2GB shards)")
     args = parser.parse_args(argv)
-    refuse_destination(parser, Path(args.src), Path(args.dst), args.to, args.overwrite)
-    if args.to == "code":
-        adopt_code(args.src, args.dst)
-    else:
-        convert_checkpoint(args.src, args.dst, args.to, args.max_shard_size)
+    try:
+        check_destination(args.src, args.dst, args.to, args.overwrite)  # before any other check reads src
+        if args.to == "code":
+            adopt_code(args.src, args.dst, args.overwrite)
+        else:
+            convert_checkpoint(args.src, args.dst, args.to, args.max_shard_size, args.overwrite)
+    except DestinationError as error:
+        parser.error(str(error))
     print(f"wrote {args.dst}")
 
 

@@ -152,6 +152,30 @@ def test_a_conversion_never_writes_over_its_source_or_a_users_files(tmp_path, ca
     convert_glm.main(["--to", "code", str(src), str(src)])  # in place is what --to code is for
 
 
+def test_the_functions_refuse_what_the_command_refuses(tmp_path):
+    """convert_checkpoint and adopt_code hold the destination rules themselves (scripts and tests call them
+    directly): the same refusals, before anything is written, and overwrite=True as --overwrite."""
+    src = tmp_path / "glm"
+    glm.ChatGLMForConditionalGeneration(tiny_config()).save_pretrained(src)
+    before = snapshot(src)
+    with pytest.raises(convert_glm.DestinationError, match=re.escape(f"dst {src} is src {src}")):
+        convert_glm.convert_checkpoint(src, src, "native")
+    with pytest.raises(convert_glm.DestinationError, match="is inside src"):
+        convert_glm.adopt_code(src, src / "sub")
+    assert snapshot(src) == before
+    occupied = tmp_path / "mine"
+    occupied.mkdir()
+    (occupied / "notes.txt").write_text("mine")
+    for call in (lambda **kw: convert_glm.convert_checkpoint(src, occupied, "native", **kw),
+                 lambda **kw: convert_glm.adopt_code(src, occupied, **kw)):
+        with pytest.raises(convert_glm.DestinationError, match=r"already holds files \(notes.txt\)"):
+            call()
+        assert sorted(p.name for p in occupied.iterdir()) == ["notes.txt"]
+    convert_glm.convert_checkpoint(src, occupied, "native", overwrite=True)
+    assert json.loads((occupied / "config.json").read_text())["model_type"] == "glm"
+    assert (occupied / "notes.txt").read_text() == "mine"
+
+
 def _todays_conversion(src, dst, to, max_shard_size):
     """What convert_glm.py wrote before it streamed: the whole state dict read, converted, and saved by
     huggingface_hub's save_torch_state_dict (the reference the streamed files must equal)."""
