@@ -2,12 +2,16 @@
 
     python benchmarks/bench_serving.py     # the table in docs/performance.md: transformers serve, with
                                            # --continuous-batching (transformers-cb), vLLM
+    python benchmarks/bench_serving.py --engines vllm,vllm-hf --stream --max-tokens 256
+                                           # vLLM's reply parsing: the glm plugin against the hf parser, streamed
 
 A random-weight GLM (hidden 512, 8 layers, 8 heads, 2 K/V groups, ffn 1376, ChatGLM3's 65024-token vocabulary, fp32)
 is saved as our folder; each engine serves it (vLLM on the folder itself, transformers serve on its cached native
 conversion). Per engine: a warm-up request, then --requests requests of --max-tokens new tokens each (greedy, the
 same 8 prompts), first one after another (1 concurrent), then all at once from 8 client threads. Tokens are the
 completion tokens the server reports; tokens/s is their sum over the wall time; the ratio is 8-concurrent over 1.
+`vllm` parses replies with the folder's tool_parser_glm.py, `vllm-hf` with vLLM's parser of the response_template
+(serve.sh --tool-parser hf); --stream streams every reply (the parsers run on every piece) and offers the tools.
 Run it under the machine's CPU lock; it prints `uptime` before and after.
 """
 
@@ -49,7 +53,8 @@ def make_folder(folder):
 def serve(engine, folder, port, log):
     env = dict(os.environ, PYTHON=sys.executable, HF_HUB_OFFLINE="1",
                GLM_SERVE_CACHE=str(Path(folder).parent / "serve-cache"))
-    extra = {"vllm": ["--", "--max-model-len", "2048", "--dtype", "float32"],
+    vllm = ["--", "--max-model-len", "2048", "--dtype", "float32"]
+    extra = {"vllm": vllm, "vllm-hf": ["--tool-parser", "hf", *vllm],
              "transformers-cb": ["--", "--continuous-batching"]}.get(engine, [])
     server = subprocess.Popen(["bash", str(ROOT / "scripts" / "serve.sh"), str(folder), "--engine", engine.split("-")[0],
                                "--port", str(port), *extra], env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
@@ -68,7 +73,11 @@ def model_name(client):
     return client.models.list().data[0].id
 
 
-def run(engine, folder, requests, max_tokens):
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {
+    "city": {"type": "string"}}}}}]
+
+
+def run(engine, folder, requests, max_tokens, stream=False):
     from openai import OpenAI
 
     with socket.socket() as s:
@@ -78,12 +87,16 @@ def run(engine, folder, requests, max_tokens):
     try:
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", timeout=3600)
         name = model_name(client)
-        extra = {"ignore_eos": True} if engine == "vllm" else {}
+        extra = {"ignore_eos": True} if engine.startswith("vllm") else {}
 
         def ask(prompt):
-            reply = client.chat.completions.create(model=name, messages=[{"role": "user", "content": prompt}],
-                                                   max_tokens=max_tokens, temperature=0, extra_body=extra)
-            return reply.usage.completion_tokens
+            request = dict(model=name, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens,
+                           temperature=0, extra_body=extra)
+            if not stream:
+                return client.chat.completions.create(**request).usage.completion_tokens
+            chunks = client.chat.completions.create(**request, tools=TOOLS, stream=True,
+                                                    stream_options={"include_usage": True})
+            return [chunk.usage.completion_tokens for chunk in chunks if chunk.usage][-1]
 
         ask("warm up")
         prompts = [PROMPTS[i % len(PROMPTS)] for i in range(requests)]
@@ -105,6 +118,7 @@ def main():
     parser.add_argument("--engines", default="transformers,transformers-cb,vllm")
     parser.add_argument("--requests", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--stream", action="store_true", help="stream every reply, with tools offered")
     args = parser.parse_args()
     print("uptime:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(), flush=True)
     work = Path(tempfile.mkdtemp())
@@ -112,7 +126,7 @@ def main():
     make_folder(folder)
     print(f"| engine | concurrent | requests | new tokens | seconds | tokens/s | 8 vs 1 |\n|---|---|---|---|---|---|---|")
     for engine in args.engines.split(","):
-        results = run(engine, folder, args.requests, args.max_tokens)
+        results = run(engine, folder, args.requests, args.max_tokens, args.stream)
         one = results[1][2]
         for concurrency, (tokens, seconds, rate) in results.items():
             ratio = f"{rate / one:.2f}x" if concurrency == 8 else ""
