@@ -206,32 +206,51 @@ class ReplyStream:
 
     def __init__(self, tools_enabled):
         self.tools_enabled = tools_enabled
-        self.text = ""  # everything fed
-        self._message = 0  # where the current message starts in self.text
-        self._sent = 0  # characters of the current message's stripped content already returned
+        self._recent = ""  # the last characters fed, where <|assistant|> may have begun
+        self._new_message()
+
+    def _new_message(self):
+        self._pieces = []  # the current message as fed (finish reads it whole)
+        self._mode = "head"  # "head" until its metadata line ends, then "content" (streamed) or "held" (a tool's)
+        self._tail = ""  # content not sent yet: trailing whitespace, or the beginning of a special token
+        self._started = False  # whether a non-whitespace character of the content came
+        self._stopped = False  # whether a stop token's text came (if the server keeps it): nothing after is content
+        self._sent = 0  # characters of the message's stripped content returned so far
 
     def feed(self, piece):
-        self.text += piece
-        if ASSISTANT in self.text[self._message:]:  # the model opened another message
-            self._message = self.text.rindex(ASSISTANT) + len(ASSISTANT)
-            self._sent = 0
-        message = self.text[self._message:]
-        if "\n" not in message or message.split("\n", 1)[0].strip():
-            return ""  # the metadata line is not complete yet, or names a tool: held until finish
-        content = message.split("\n", 1)[1].lstrip()
-        for stop in STOP_TEXTS:  # a stop token's text, if the server keeps it, is not content
-            content = content.split(stop, 1)[0]
-        ready = content.rstrip()  # trailing whitespace waits: more text may follow it
-        for marker in STOP_TEXTS + (ASSISTANT,):  # and so does a marker's beginning
+        # Each piece is looked at once (the tail held back is a few characters), so a long reply costs linear time.
+        window = self._recent + piece
+        self._recent = window[-(len(ASSISTANT) - 1):]
+        if ASSISTANT in window:  # the model opened another message; it is the reply
+            self._new_message()
+            piece = window.rsplit(ASSISTANT, 1)[1]
+        self._pieces.append(piece)
+        if self._mode == "head":
+            if "\n" not in piece:
+                return ""
+            metadata, piece = "".join(self._pieces).split("\n", 1)
+            self._mode = "held" if metadata.strip() else "content"  # a tool's message waits for finish
+        if self._mode == "held" or self._stopped:
+            return ""
+        text = self._tail + piece
+        if not self._started:
+            text = text.lstrip()
+            self._started = bool(text)
+        for stop in STOP_TEXTS:
+            if stop in text:
+                text, self._stopped = text.split(stop, 1)[0], True
+        ready = text.rstrip()  # trailing whitespace waits: more text may follow it
+        for marker in STOP_TEXTS + (ASSISTANT,):  # and so does a special token's beginning
             for length in range(min(len(marker) - 1, len(ready)), 0, -1):
                 if ready.endswith(marker[:length]):
                     ready = ready[:-length].rstrip()
                     break
-        piece, self._sent = ready[self._sent:], len(ready)
-        return piece
+        self._tail = text[len(ready):]
+        self._sent += len(ready)
+        return ready
 
     def finish(self):
-        whole = reply_message(self.text[self._message:], self.tools_enabled)
+        whole = reply_message("".join(self._pieces), self.tools_enabled)
         if whole["tool_calls"] or self._sent == 0:
             return whole
         return {"content": whole["content"][self._sent:], "tool_calls": []}
