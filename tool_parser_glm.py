@@ -1,5 +1,5 @@
 """How a GLM reply becomes a message: its content, or a tool call with typed arguments; for `model.chat` and for
-vLLM's OpenAI server, from this one file (docs/serving.md, "Exact tool calls on vLLM").
+vLLM's OpenAI server, from this one file (docs/serving.md, "Exact tool calls on vLLM: the glm tool-parser plugin").
 
 `process_response` and `parse_tool_call` are what `model.chat` returns (chat_glm.py imports them; docs/chat.md):
 ChatGLM3's fenced `tool_call(city="北京", days=3)`, whose values must be Python literals, and GLM-4's JSON object,
@@ -9,7 +9,7 @@ pieces) into OpenAI's message with them.
 The same file is a vLLM tool-parser plugin. Every folder we save carries it (chat_glm.py imports it, so
 `save_pretrained` copies it; train.py and convert_glm.py copy it too):
 
-    python -m vllm.entrypoints.openai.api_server --model FOLDER --trust-remote-code \
+    python -m vllm.entrypoints.openai.api_server --model FOLDER --trust-remote-code \\
         --enable-auto-tool-choice --tool-parser-plugin FOLDER/tool_parser_glm.py --tool-call-parser glm
 
 Loaded that way (vLLM imported it), it registers `GlmToolParser` as the tool parser "glm". It needs nothing but the

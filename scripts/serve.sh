@@ -22,7 +22,7 @@ while [ $# -gt 0 ]; do
     --port) port="$2"; shift 2 ;;
     --tool-parser) parser="$2"; shift 2 ;;
     --) shift; extra=("$@"); break ;;
-    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
     *) if [ -z "$folder" ]; then folder="$1"; shift; else echo "serve.sh: unexpected argument $1" >&2; exit 2; fi ;;
   esac
 done

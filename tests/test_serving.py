@@ -215,3 +215,7 @@ def test_serve_script_never_falls_back_to_another_engine(served_folder, tmp_path
                             env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 1 and "vLLM is not installed" in result.stderr and "install_vllm.sh" in result.stderr
     assert "serving" not in result.stderr
+    # a vLLM parser asked of transformers serve is refused, not ignored
+    result = subprocess.run(["bash", str(ROOT / "scripts" / "serve.sh"), str(served_folder), "--engine", "transformers",
+                             "--tool-parser", "glm"], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "--tool-parser is vLLM's" in result.stderr and "http://" not in result.stderr
