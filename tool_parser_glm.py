@@ -150,7 +150,8 @@ def process_response(messages, history, parse_tools=True):
 # A served reply as an OpenAI message
 
 ASSISTANT = "<|assistant|>"
-# The family's stop tokens as decoded text, in case a server keeps the one that ended generation.
+# The family's stop tokens as decoded text, in case a server keeps the one that ended generation. Named here, not
+# imported, since vLLM loads this file alone; tests/test_tool_parser.py keeps them equal to the tokenizers'.
 STOP_TEXTS = ("<|user|>", "<|observation|>", "<|endoftext|>", "</s>")
 
 

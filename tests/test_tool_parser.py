@@ -120,6 +120,15 @@ def test_decoded_reply_ids_parse_as_process_response(family, request):
         assert rest["tool_calls"] == message["tool_calls"]
 
 
+def test_stop_texts_are_the_tokenizers_stop_tokens(glm3, glm4):
+    """tool_parser_glm stands alone (vLLM loads it by path), so it names the stop tokens itself: the real tokenizers'
+    stop tokens of both families, and <|assistant|>, are what it strips and splits at."""
+    stops = {token for tokenizer in (glm3, glm4) for token in tokenizer.convert_ids_to_tokens(tokenizer.stop_token_ids)}
+    assert stops == set(replies.STOP_TEXTS)
+    assert {glm3.convert_ids_to_tokens(glm3.get_command(replies.ASSISTANT)),
+            glm4.convert_ids_to_tokens(glm4.get_command(replies.ASSISTANT))} == {replies.ASSISTANT}
+
+
 def test_every_saved_folder_carries_the_plugin(tmp_path):
     """save_pretrained copies tool_parser_glm.py (chat_glm.py imports it), so `--tool-parser-plugin
     FOLDER/tool_parser_glm.py` works on any folder saved with our classes."""
